@@ -1,0 +1,2 @@
+//! The ordermesh domain and the actors that host it.
+pub mod domain;
