@@ -106,6 +106,9 @@ impl StockItem {
                     None => vec![StockEvent::Reserved { order, quantity }],
                 }
             }
+            // Nothing can be held on an unknown sku; no tombstone either, so ordering random
+            // skus cannot make the store grow.
+            Release { .. } if !self.known => vec![],
             Release { order } => match self.holds.get(&order) {
                 Some(Hold::Reserved(quantity)) => {
                     vec![StockEvent::Released { order, quantity: *quantity, was_committed: false }]

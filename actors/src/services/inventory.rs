@@ -1,0 +1,168 @@
+//! The inventory service: one entity per sku hosting a [`StockItem`].
+//!
+//! Other services call it request/response (the order saga needs the answer now): quote,
+//! reserve, release, commit. Every command is idempotent per order (see the domain), so a
+//! call that timed out and ran anyway, or a retry after a crash, changes nothing twice.
+
+use super::Settings;
+use crate::domain::{Money, OrderId, Quantity, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView};
+use crate::error::ServiceError;
+use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
+use ordermesh_storage::{Append, Snapshot, Store, WriteBatch, codec};
+use ractor::{ActorProcessingErr, RpcReplyPort};
+use std::sync::Arc;
+
+pub enum InventoryMsg {
+    /// Runs one stock command; replies with the item after it.
+    Execute { command: StockCommand, reply: RpcReplyPort<Result<StockView, StockRejection>> },
+    /// Reads the item (`None`: unknown sku).
+    Get { reply: RpcReplyPort<Option<StockView>> },
+}
+
+#[derive(Clone)]
+pub struct InventoryDeps {
+    pub store: Store,
+    pub settings: Arc<Settings>,
+}
+
+/// The snapshot format of a stock item: its state and the seq it covers.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StockSnapshot {
+    item: StockItem,
+}
+
+pub struct StockEntity {
+    sku: Sku,
+    item: StockItem,
+    version: u64,
+    events_since_snapshot: u64,
+}
+
+impl Entity for StockEntity {
+    type Msg = InventoryMsg;
+    type Deps = InventoryDeps;
+
+    async fn activate(key: &str, deps: &InventoryDeps) -> Result<Self, ActorProcessingErr> {
+        let sku = Sku::parse(key)?;
+        let (mut item, mut version) = match deps.store.load_snapshot(key)? {
+            Some(snapshot) => (codec::decode::<StockSnapshot>(&snapshot.bytes)?.item, snapshot.seq),
+            None => (StockItem::default(), 0),
+        };
+        let events = deps.store.read_events(key, version)?;
+        let replayed = events.len() as u64;
+        for stored in events {
+            item.apply(&codec::decode::<StockEvent>(&stored.bytes)?);
+            version = stored.seq;
+        }
+        Ok(Self { sku, item, version, events_since_snapshot: replayed })
+    }
+
+    async fn handle(&mut self, msg: InventoryMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        match msg {
+            InventoryMsg::Get { reply } => {
+                let _ = reply.send(self.item.known.then(|| self.item.sku_view(&self.sku)));
+            }
+            InventoryMsg::Execute { command, reply } => {
+                let events = match self.item.decide(&command) {
+                    Ok(events) => events,
+                    Err(rejection) => {
+                        let _ = reply.send(Err(rejection));
+                        return Ok(());
+                    }
+                };
+                if !events.is_empty() {
+                    // A storage error stops this actor; the caller sees its reply port dropped
+                    // and retries, and the next activation replays what is really on disk.
+                    self.persist(ctx.deps(), &events).await?;
+                }
+                let _ = reply.send(Ok(self.item.sku_view(&self.sku)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StockEntity {
+    async fn persist(&mut self, deps: &InventoryDeps, events: &[StockEvent]) -> Result<(), ActorProcessingErr> {
+        let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
+        let mut next = self.item.clone();
+        for e in events {
+            next.apply(e);
+        }
+        let new_version = self.version + events.len() as u64;
+        let mut batch = WriteBatch {
+            appends: vec![Append { entity: self.sku.to_string(), expected_version: self.version, events: encoded }],
+            ..WriteBatch::default()
+        };
+        let since = self.events_since_snapshot + events.len() as u64;
+        let snapshot_due = since >= deps.settings.snapshot_every;
+        if snapshot_due {
+            let bytes = codec::encode(&StockSnapshot { item: next.clone() })?;
+            batch.snapshots.push(Snapshot { entity: self.sku.to_string(), seq: new_version, bytes });
+        }
+        deps.store.commit(batch).await?;
+        self.item = next;
+        self.version = new_version;
+        self.events_since_snapshot = if snapshot_due { 0 } else { since };
+        Ok(())
+    }
+}
+
+/// Typed handle to the inventory service: what the gateway and the order saga call.
+#[derive(Clone)]
+pub struct InventoryService {
+    router: RouterHandle<InventoryMsg>,
+    settings: Arc<Settings>,
+}
+
+impl InventoryService {
+    pub(crate) fn new(router: RouterHandle<InventoryMsg>, settings: Arc<Settings>) -> Self {
+        Self { router, settings }
+    }
+
+    async fn execute(
+        &self,
+        sku: &Sku,
+        command: StockCommand,
+    ) -> Result<Result<StockView, StockRejection>, ServiceError> {
+        let timeout = self.settings.call_timeout;
+        Ok(self.router.call(sku.as_str(), |reply| InventoryMsg::Execute { command, reply }, timeout).await?)
+    }
+
+    /// Admin: sets the units available for new orders and the unit price.
+    pub async fn set_stock(&self, sku: &Sku, available: u64, price: Money) -> Result<StockView, ServiceError> {
+        self.execute(sku, StockCommand::SetStock { available, price })
+            .await?
+            .map_err(|rejection| ServiceError::Invalid(rejection.to_string()))
+    }
+
+    pub async fn get(&self, sku: &Sku) -> Result<Option<StockView>, ServiceError> {
+        let timeout = self.settings.call_timeout;
+        Ok(self.router.call(sku.as_str(), |reply| InventoryMsg::Get { reply }, timeout).await?)
+    }
+
+    pub async fn reserve(
+        &self,
+        sku: &Sku,
+        order: OrderId,
+        quantity: Quantity,
+    ) -> Result<Result<StockView, StockRejection>, ServiceError> {
+        self.execute(sku, StockCommand::Reserve { order, quantity }).await
+    }
+
+    pub async fn release(&self, sku: &Sku, order: OrderId) -> Result<Result<StockView, StockRejection>, ServiceError> {
+        self.execute(sku, StockCommand::Release { order }).await
+    }
+
+    pub async fn commit(&self, sku: &Sku, order: OrderId) -> Result<Result<StockView, StockRejection>, ServiceError> {
+        self.execute(sku, StockCommand::Commit { order }).await
+    }
+
+    pub async fn active_entities(&self) -> Result<usize, ServiceError> {
+        Ok(self.router.active_entities().await?)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.router.stop();
+    }
+}

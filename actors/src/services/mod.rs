@@ -1,0 +1,253 @@
+//! The three services on one node, their wiring, recovery and shutdown.
+//!
+//! ```text
+//!   Services ── OrderService ──▶ Router<OrderEntity>     ─┐ order store   ── relay ──▶ PaymentService
+//!            ── InventoryService ▶ Router<StockEntity>   ─┤ inventory store
+//!            ── PaymentService ──▶ Router<PaymentEntity> ─┘ payment store ── relay ──▶ OrderService
+//! ```
+//!
+//! Each service owns its own store (`<data dir>/<service>/`); no service reads another's. On
+//! start, every order and payment whose work is unfinished is activated, so sagas resume.
+
+pub mod events;
+pub mod inventory;
+pub mod order;
+pub mod payment;
+
+use crate::provider::PaymentProvider;
+use events::IntegrationEvent;
+use inventory::{InventoryDeps, InventoryService, StockEntity};
+use order::{OrderDeps, OrderEntity, OrderService};
+use ordermesh_runtime::relay::{RelayOptions, run_relay};
+use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router, RouterHandle};
+use ordermesh_storage::{OutboxEntry, Store, StoreOptions, codec};
+use payment::{PaymentDeps, PaymentEntity, PaymentService};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::error::ServiceError;
+
+/// Milliseconds since the Unix epoch (the one clock the services read).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Tuning of the services; every value has a sensible default.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long the payment service keeps trying to charge before giving up (`payment_failed`).
+    pub payment_deadline: Duration,
+    /// One provider call's timeout.
+    pub payment_call_timeout: Duration,
+    pub payment_backoff: Backoff,
+    pub breaker_failure_threshold: u32,
+    pub breaker_cooldown: Duration,
+    /// Timeout of a call between services (reserve, release, commit, place).
+    pub call_timeout: Duration,
+    /// Backoff of saga steps whose service did not answer.
+    pub retry_backoff: Backoff,
+    /// How long an idle entity stays in memory.
+    pub entity_idle: Duration,
+    /// A stock item writes a snapshot every this many events.
+    pub snapshot_every: u64,
+    /// How long idempotency keys are kept.
+    pub idempotency_retention: Duration,
+    /// fsync every commit group (off only in tests that want speed over power-loss safety).
+    pub fsync: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            payment_deadline: Duration::from_secs(30),
+            payment_call_timeout: Duration::from_secs(2),
+            payment_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            breaker_failure_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(5),
+            retry_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            entity_idle: Duration::from_secs(30),
+            snapshot_every: 100,
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            fsync: true,
+        }
+    }
+}
+
+impl Settings {
+    /// The saga gives up (cancels with `timeout`) this long after placement: later than the
+    /// payment deadline, so a payment that fails for good is reported as `payment_failed`.
+    pub fn saga_deadline(&self) -> Duration {
+        self.payment_deadline + self.call_timeout * 2 + Duration::from_secs(5)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the {service} store: {source}")]
+    Store { service: &'static str, source: ordermesh_storage::StorageError },
+    #[error("cannot start the {service} service: {reason}")]
+    Actor { service: &'static str, reason: String },
+    #[error("cannot resume unfinished work: {0}")]
+    Recovery(ServiceError),
+}
+
+/// The order, inventory and payment services running on this node.
+pub struct Services {
+    pub orders: OrderService,
+    pub inventory: InventoryService,
+    pub payments: PaymentService,
+    stores: Vec<Store>,
+    shutdown: watch::Sender<bool>,
+    background: JoinSet<()>,
+}
+
+impl Services {
+    /// Opens the stores under `data_dir`, starts the services and resumes unfinished sagas.
+    pub async fn start(
+        data_dir: &Path,
+        settings: Settings,
+        provider: Arc<dyn PaymentProvider>,
+    ) -> Result<Services, StartError> {
+        let settings = Arc::new(settings);
+        let open = |service: &'static str| {
+            let options = StoreOptions { fsync: settings.fsync, ..StoreOptions::default() };
+            Store::open(service_dir(data_dir, service), options).map_err(|source| StartError::Store { service, source })
+        };
+        let (order_store, inventory_store, payment_store) = (open("order")?, open("inventory")?, open("payment")?);
+
+        let hosting = |service| HostingOptions { service, idle_after: settings.entity_idle };
+        let actor_err =
+            |service| move |e: ractor::ActorProcessingErr| StartError::Actor { service, reason: e.to_string() };
+
+        let inventory_router = Router::<StockEntity>::start(
+            hosting("inventory"),
+            InventoryDeps { store: inventory_store.clone(), settings: settings.clone() },
+        )
+        .await
+        .map_err(actor_err("inventory"))?;
+        let inventory = InventoryService::new(RouterHandle::new(inventory_router, "inventory"), settings.clone());
+
+        let breaker = Arc::new(CircuitBreaker::new(
+            "payment_provider",
+            settings.breaker_failure_threshold,
+            settings.breaker_cooldown,
+        ));
+        let payment_router = Router::<PaymentEntity>::start(
+            hosting("payment"),
+            PaymentDeps { store: payment_store.clone(), provider, breaker, settings: settings.clone() },
+        )
+        .await
+        .map_err(actor_err("payment"))?;
+        let payments =
+            PaymentService::new(RouterHandle::new(payment_router, "payment"), payment_store.clone(), settings.clone());
+
+        let order_router = Router::<OrderEntity>::start(
+            hosting("order"),
+            OrderDeps { store: order_store.clone(), inventory: inventory.clone(), settings: settings.clone() },
+        )
+        .await
+        .map_err(actor_err("order"))?;
+        let orders = OrderService::new(
+            RouterHandle::new(order_router, "order"),
+            order_store.clone(),
+            inventory.clone(),
+            settings.clone(),
+        );
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut background = JoinSet::new();
+        let relay = |name| RelayOptions { name, max_in_flight: 512, backoff: settings.retry_backoff };
+        let to_payment = payments.clone();
+        background.spawn(run_relay(
+            order_store.clone(),
+            relay("order"),
+            move |entry: OutboxEntry| {
+                let payments = to_payment.clone();
+                async move { payments.deliver(codec::decode::<IntegrationEvent>(&entry.bytes)?).await }
+            },
+            shutdown_rx.clone(),
+        ));
+        let to_orders = orders.clone();
+        background.spawn(run_relay(
+            payment_store.clone(),
+            relay("payment"),
+            move |entry: OutboxEntry| {
+                let orders = to_orders.clone();
+                async move {
+                    match codec::decode::<IntegrationEvent>(&entry.bytes)? {
+                        IntegrationEvent::PaymentSettled { event_id, order, outcome } => {
+                            orders.payment_settled(order, event_id, outcome).await
+                        }
+                        other => Err(ServiceError::Invalid(format!("unexpected event in payment outbox: {other:?}"))),
+                    }
+                }
+            },
+            shutdown_rx.clone(),
+        ));
+        background.spawn(purge_idempotency_keys(order_store.clone(), settings.idempotency_retention, shutdown_rx));
+
+        // Resume unfinished work: activating an entity resumes its saga or provider call.
+        let running_orders = orders.running().map_err(StartError::Recovery)?;
+        let running_payments = payments.running().map_err(StartError::Recovery)?;
+        if !running_orders.is_empty() || !running_payments.is_empty() {
+            tracing::info!(
+                orders = running_orders.len(),
+                payments = running_payments.len(),
+                "resuming unfinished work"
+            );
+        }
+        for id in running_orders {
+            orders.resume(id);
+        }
+        for id in running_payments {
+            payments.resume(id);
+        }
+
+        Ok(Services {
+            orders,
+            inventory,
+            payments,
+            stores: vec![order_store, inventory_store, payment_store],
+            shutdown,
+            background,
+        })
+    }
+
+    /// Stops the relays and actors, then flushes and closes the stores.
+    pub async fn shutdown(mut self) -> Result<(), ServiceError> {
+        let _ = self.shutdown.send(true);
+        while self.background.join_next().await.is_some() {}
+        self.orders.stop();
+        self.payments.stop();
+        self.inventory.stop();
+        for store in &self.stores {
+            store.close()?;
+        }
+        Ok(())
+    }
+}
+
+/// `<data dir>/<service>`: each service's own store.
+pub fn service_dir(data_dir: &Path, service: &str) -> PathBuf {
+    data_dir.join(service)
+}
+
+async fn purge_idempotency_keys(store: Store, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600).min(retention));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        match store.purge_idempotency(cutoff) {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired idempotency keys removed"),
+            Err(err) => tracing::warn!(error = %err, "cannot purge idempotency keys"),
+        }
+    }
+}

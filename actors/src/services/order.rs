@@ -1,0 +1,798 @@
+//! The order service: one entity per order, each running its own saga.
+//!
+//! The saga, driven by [`Order::next_step`] so a restart resumes exactly where the log says:
+//!
+//! ```text
+//! Placed ──reserve every line (request/response to inventory)──▶ Reserved + outbox PaymentRequested
+//!   │ any line refused                                              │ PaymentSettled (from payment's outbox)
+//!   ▼                                                               ▼
+//! CancelRequested ──release every line──▶ Cancelled      Captured: commit every line ──▶ Paid, Confirmed
+//!   ▲                                                    Declined/Failed ──▶ CancelRequested ...
+//!   └── customer cancel, or the saga deadline (a persisted timestamp, re-armed on activation)
+//! ```
+//!
+//! A cancel after the payment was requested also puts `PaymentCancelRequested` in the outbox,
+//! so the payment service voids or refunds. `Cancelled` is written only after every line is
+//! released, so an order shown as cancelled holds no stock.
+
+use super::events::{IntegrationEvent, PaymentOutcome, event_id};
+use super::inventory::InventoryService;
+use super::{Settings, now_ms};
+use crate::domain::{
+    CancelReason, CustomerId, Order, OrderCommand, OrderEvent, OrderId, OrderLine, OrderRejection, OrderStatus,
+    PaymentToken, Quantity, SagaStep, Sku, StockRejection,
+};
+use crate::error::ServiceError;
+use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
+use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
+use ractor::{ActorProcessingErr, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+pub enum OrderMsg {
+    /// Creates the order (durably) and starts its saga.
+    Place { request: PlaceRequest, reply: RpcReplyPort<Result<Order, PlaceError>> },
+    /// Customer or admin cancel: replies once the cancellation is durable (and, when inventory
+    /// answers, complete).
+    Cancel { reply: RpcReplyPort<Result<Order, ServiceError>> },
+    /// The payment service's verdict (from its outbox; deduplicated on `event_id`).
+    PaymentSettled { event_id: String, outcome: PaymentOutcome, reply: RpcReplyPort<Result<(), ServiceError>> },
+    /// Take the saga's next step (sent by the order itself, and by recovery at start).
+    Continue,
+    /// The saga deadline timer fired.
+    Deadline,
+}
+
+/// A new order, priced and validated by the service handle.
+pub struct PlaceRequest {
+    pub customer: CustomerId,
+    pub lines: Vec<OrderLine>,
+    pub payment_token: PaymentToken,
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+pub struct IdempotencyClaim {
+    pub key: String,
+    /// What a retry must match: the canonical encoding of the client's request.
+    pub request: Vec<u8>,
+}
+
+/// What the order id and request of an idempotency key were.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdempotencyValue {
+    order: OrderId,
+    request: Vec<u8>,
+}
+
+pub enum PlaceError {
+    Service(ServiceError),
+    /// Another request already claimed the idempotency key.
+    KeyTaken {
+        order: OrderId,
+        request: Vec<u8>,
+    },
+}
+
+#[derive(Clone)]
+pub struct OrderDeps {
+    pub store: Store,
+    pub inventory: InventoryService,
+    pub settings: Arc<Settings>,
+}
+
+pub struct OrderEntity {
+    id: OrderId,
+    order: Option<Order>,
+    deadline_timer: Option<JoinHandle<()>>,
+    /// A retry of the current saga step is scheduled (inventory was unreachable).
+    retry: Option<JoinHandle<()>>,
+    retry_attempt: u32,
+}
+
+impl Drop for OrderEntity {
+    fn drop(&mut self) {
+        for timer in [self.deadline_timer.take(), self.retry.take()].into_iter().flatten() {
+            timer.abort();
+        }
+    }
+}
+
+impl Entity for OrderEntity {
+    type Msg = OrderMsg;
+    type Deps = OrderDeps;
+
+    async fn activate(key: &str, deps: &OrderDeps) -> Result<Self, ActorProcessingErr> {
+        let id = OrderId::parse(key)?;
+        let order = load_order(&deps.store, id)?;
+        Ok(Self { id, order, deadline_timer: None, retry: None, retry_attempt: 0 })
+    }
+
+    fn on_activated(&mut self, ctx: &EntityContext<Self>) {
+        if self.order.as_ref().is_some_and(|o| o.next_step() != SagaStep::Done) {
+            ctx.send_self(OrderMsg::Continue);
+        }
+    }
+
+    fn can_passivate(&self) -> bool {
+        // An order whose saga is in flight stays in memory: its deadline timer lives here.
+        self.order.as_ref().is_none_or(|o| o.next_step() == SagaStep::Done)
+    }
+
+    async fn handle(&mut self, msg: OrderMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        match msg {
+            OrderMsg::Place { request, reply } => {
+                let result = self.place(ctx, request).await;
+                let placed = result.is_ok();
+                let _ = reply.send(result);
+                if placed {
+                    ctx.send_self(OrderMsg::Continue);
+                }
+            }
+            OrderMsg::Cancel { reply } => {
+                let result = self.cancel(ctx).await;
+                let _ = reply.send(result);
+            }
+            OrderMsg::PaymentSettled { event_id, outcome, reply } => {
+                let result = self.payment_settled(ctx, event_id, outcome).await;
+                let _ = reply.send(result);
+            }
+            OrderMsg::Continue => {
+                self.retry = None;
+                self.advance(ctx).await?;
+            }
+            OrderMsg::Deadline => {
+                self.deadline_timer = None;
+                self.deadline_passed(ctx).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OrderEntity {
+    async fn place(&mut self, ctx: &EntityContext<Self>, request: PlaceRequest) -> Result<Order, PlaceError> {
+        let deps = ctx.deps();
+        let now = now_ms();
+        let command = OrderCommand::Place {
+            id: self.id,
+            customer: request.customer,
+            lines: request.lines,
+            payment_token: request.payment_token,
+            deadline_at: now + deps.settings.saga_deadline().as_millis() as u64,
+            now,
+        };
+        let events = Order::decide(self.order.as_ref(), &command)
+            .map_err(|rejection| PlaceError::Service(rejection_error(rejection)))?;
+        let mut batch = WriteBatch::default();
+        if let (Some(claim), Some(OrderCommand::Place { customer, .. })) = (&request.idempotency, Some(&command)) {
+            let value = IdempotencyValue { order: self.id, request: claim.request.clone() };
+            batch.idempotency.push(IdempotencyRecord {
+                key: idempotency_key(customer, &claim.key),
+                value: codec::encode(&value).map_err(|e| PlaceError::Service(e.into()))?,
+                created_at_ms: now,
+            });
+        }
+        match self.persist(deps, events, batch, vec![]).await {
+            Ok(()) => {}
+            Err(PersistError::Storage(StorageError::IdempotencyKeyTaken { existing, .. })) => {
+                let existing: IdempotencyValue =
+                    codec::decode(&existing.value).map_err(|e| PlaceError::Service(e.into()))?;
+                return Err(PlaceError::KeyTaken { order: existing.order, request: existing.request });
+            }
+            Err(err) => return Err(PlaceError::Service(err.into())),
+        }
+        metrics::counter!("orders_placed_total").increment(1);
+        self.order.clone().ok_or(PlaceError::Service(ServiceError::Storage("order vanished".into())))
+    }
+
+    async fn cancel(&mut self, ctx: &EntityContext<Self>) -> Result<Order, ServiceError> {
+        let order = self.order.as_ref().ok_or(ServiceError::NotFound)?;
+        if order.status == OrderStatus::Cancelled {
+            return Ok(order.clone());
+        }
+        self.request_cancel(ctx, CancelReason::CustomerRequest, None).await.map_err(ServiceError::from)?;
+        // Finish the compensation now if inventory answers; otherwise it is retried and the
+        // reply shows the order as it is (the cancellation itself is already durable).
+        self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
+        self.order.clone().ok_or(ServiceError::NotFound)
+    }
+
+    async fn payment_settled(
+        &mut self,
+        ctx: &EntityContext<Self>,
+        event_id: String,
+        outcome: PaymentOutcome,
+    ) -> Result<(), ServiceError> {
+        let deps = ctx.deps();
+        let Some(order) = &self.order else { return Err(ServiceError::NotFound) };
+        if deps.store.inbox_contains(&event_id)? {
+            return Ok(());
+        }
+        let awaiting = matches!(order.next_step(), SagaStep::AwaitPayment { .. });
+        match outcome {
+            PaymentOutcome::Captured if awaiting => {
+                let started = Instant::now();
+                match self.for_each_line(deps, Stock::Commit).await? {
+                    Ok(()) => {
+                        let now = now_ms();
+                        let mut events = self.decide(&OrderCommand::MarkPaid { now })?;
+                        let paid = events.iter().fold(self.order.clone(), Order::apply);
+                        events.extend(
+                            Order::decide(paid.as_ref(), &OrderCommand::MarkConfirmed { now })
+                                .map_err(rejection_error)?,
+                        );
+                        let batch = WriteBatch { inbox: vec![event_id], ..WriteBatch::default() };
+                        self.persist(deps, events, batch, vec![]).await?;
+                        metrics::histogram!("saga_step_seconds", "step" => "confirm").record(started.elapsed());
+                        self.record_outcome();
+                    }
+                    Err(rejection) => {
+                        // The stock is gone (released by a race we lost): undo the payment.
+                        tracing::error!(order = %self.id, %rejection, "captured order lost its reservation");
+                        self.request_cancel(ctx, CancelReason::Timeout, Some(event_id)).await?;
+                        self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
+                    }
+                }
+            }
+            PaymentOutcome::Declined | PaymentOutcome::Failed if awaiting => {
+                let reason = match outcome {
+                    PaymentOutcome::Declined => CancelReason::PaymentDeclined,
+                    _ => CancelReason::PaymentFailed,
+                };
+                self.request_cancel(ctx, reason, Some(event_id)).await?;
+                self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
+            }
+            // Already cancelled or confirmed: the payment service was told (or needs nothing).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Takes saga steps until the saga waits (for payment, or a retry) or is done.
+    async fn advance(&mut self, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        let deps = ctx.deps();
+        loop {
+            let Some(order) = &self.order else { return Ok(()) };
+            let step = order.next_step();
+            let started = Instant::now();
+            let outcome = match step {
+                SagaStep::Done => return Ok(()),
+                SagaStep::AwaitPayment { deadline_at } => {
+                    self.arm_deadline(ctx, deadline_at);
+                    return Ok(());
+                }
+                SagaStep::ReserveStock => {
+                    if now_ms() >= order.deadline_at {
+                        self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+                        continue;
+                    }
+                    self.for_each_line(deps, Stock::Reserve).await
+                }
+                SagaStep::CommitStock => self.for_each_line(deps, Stock::Commit).await,
+                SagaStep::ReleaseStock => self.for_each_line(deps, Stock::Release).await,
+            };
+            let now = now_ms();
+            match (step, outcome) {
+                (_, Err(unavailable)) => {
+                    // Inventory unreachable: try again later (compensation never gives up).
+                    let delay = deps.settings.retry_backoff.delay(self.retry_attempt);
+                    tracing::debug!(order = %self.id, error = %unavailable, ?delay, "saga step will be retried");
+                    self.retry_attempt = self.retry_attempt.saturating_add(1);
+                    self.retry = Some(ctx.send_self_after(delay, OrderMsg::Continue));
+                    if let Some(order) = &self.order {
+                        self.arm_deadline(ctx, order.deadline_at);
+                    }
+                    return Ok(());
+                }
+                (SagaStep::ReserveStock, Ok(Ok(()))) => {
+                    let events = self.decide(&OrderCommand::MarkReserved { now })?;
+                    let outbox = vec![self.payment_requested_event(&deps.settings)?];
+                    self.persist(deps, events, WriteBatch::default(), outbox).await?;
+                    metrics::histogram!("saga_step_seconds", "step" => "reserve").record(started.elapsed());
+                }
+                (SagaStep::ReserveStock, Ok(Err(rejection))) => {
+                    let reason = match rejection {
+                        StockRejection::UnknownSku => CancelReason::UnknownSku,
+                        _ => CancelReason::OutOfStock,
+                    };
+                    self.request_cancel(ctx, reason, None).await?;
+                }
+                (SagaStep::CommitStock, Ok(Ok(()))) => {
+                    let events = self.decide(&OrderCommand::MarkConfirmed { now })?;
+                    self.persist(deps, events, WriteBatch::default(), vec![]).await?;
+                    self.record_outcome();
+                }
+                (SagaStep::CommitStock, Ok(Err(rejection))) => {
+                    tracing::error!(order = %self.id, %rejection, "paid order lost its reservation");
+                    self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+                }
+                (SagaStep::ReleaseStock, Ok(_)) => {
+                    let events = self.decide(&OrderCommand::MarkCancelled { now })?;
+                    self.persist(deps, events, WriteBatch::default(), vec![]).await?;
+                    metrics::histogram!("saga_step_seconds", "step" => "release").record(started.elapsed());
+                    self.record_outcome();
+                }
+                (SagaStep::AwaitPayment { .. } | SagaStep::Done, Ok(_)) => return Ok(()),
+            }
+            self.retry_attempt = 0;
+        }
+    }
+
+    async fn deadline_passed(&mut self, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        let Some(order) = &self.order else { return Ok(()) };
+        let waiting = matches!(order.next_step(), SagaStep::AwaitPayment { .. } | SagaStep::ReserveStock);
+        if !waiting {
+            return Ok(());
+        }
+        if now_ms() < order.deadline_at {
+            self.arm_deadline(ctx, order.deadline_at);
+            return Ok(());
+        }
+        tracing::info!(order = %self.id, "saga deadline passed, cancelling");
+        self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+        self.advance(ctx).await
+    }
+
+    fn arm_deadline(&mut self, ctx: &EntityContext<Self>, deadline_at: u64) {
+        if self.deadline_timer.is_none() {
+            let delay = Duration::from_millis(deadline_at.saturating_sub(now_ms()));
+            self.deadline_timer = Some(ctx.send_self_after(delay, OrderMsg::Deadline));
+        }
+    }
+
+    /// Makes a cancellation decision durable (with the payment's void/refund request when a
+    /// charge may exist, and the inbox mark of the message that caused it).
+    async fn request_cancel(
+        &mut self,
+        ctx: &EntityContext<Self>,
+        reason: CancelReason,
+        cause: Option<String>,
+    ) -> Result<(), PersistError> {
+        let Some(order) = &self.order else { return Ok(()) };
+        let events = self.decide(&OrderCommand::RequestCancel { reason, now: now_ms() })?;
+        let mut outbox = vec![];
+        let payment_may_charge = !matches!(reason, CancelReason::PaymentDeclined | CancelReason::PaymentFailed);
+        if !events.is_empty() && order.payment_requested() && payment_may_charge {
+            let seq = order.version + 1;
+            outbox.push(IntegrationEvent::PaymentCancelRequested {
+                event_id: event_id(self.id, "order", seq),
+                order: self.id,
+            });
+        }
+        let batch = WriteBatch { inbox: cause.into_iter().collect(), ..WriteBatch::default() };
+        self.persist(ctx.deps(), events, batch, outbox).await
+    }
+
+    /// Asks the payment service to charge, within the payment deadline from now.
+    fn payment_requested_event(&self, settings: &Settings) -> Result<IntegrationEvent, PersistError> {
+        let order = self.order.as_ref().ok_or(PersistError::Rejected(OrderRejection::NotFound))?;
+        Ok(IntegrationEvent::PaymentRequested {
+            event_id: event_id(self.id, "order", order.version + 1),
+            order: self.id,
+            amount: order.total,
+            token: order.payment_token.clone(),
+            deadline_at: now_ms() + settings.payment_deadline.as_millis() as u64,
+        })
+    }
+
+    fn decide(&self, command: &OrderCommand) -> Result<Vec<OrderEvent>, PersistError> {
+        Order::decide(self.order.as_ref(), command).map_err(PersistError::Rejected)
+    }
+
+    fn record_outcome(&self) {
+        if let Some(order) = &self.order {
+            let outcome = match (order.status, order.cancel_reason) {
+                (OrderStatus::Confirmed, _) => "confirmed",
+                (_, Some(reason)) => reason.as_str(),
+                _ => return,
+            };
+            metrics::counter!("orders_completed_total", "outcome" => outcome).increment(1);
+        }
+    }
+
+    /// Runs one stock command for every line concurrently. `Err`: inventory did not answer;
+    /// `Ok(Err)`: a line was refused (for reserve: unknown sku wins over out of stock).
+    async fn for_each_line(&self, deps: &OrderDeps, op: Stock) -> Result<Result<(), StockRejection>, ServiceError> {
+        let Some(order) = &self.order else { return Ok(Ok(())) };
+        let id = self.id;
+        let calls = order.lines.iter().map(|line| {
+            let inventory = &deps.inventory;
+            async move {
+                match op {
+                    Stock::Reserve => inventory.reserve(&line.sku, id, line.quantity).await,
+                    Stock::Commit => inventory.commit(&line.sku, id).await,
+                    Stock::Release => inventory.release(&line.sku, id).await,
+                }
+            }
+        });
+        let results = futures_join_all(calls).await;
+        let mut refused = None;
+        for result in results {
+            match result? {
+                Ok(_) => {}
+                Err(StockRejection::UnknownSku) => refused = Some(StockRejection::UnknownSku),
+                Err(other) => {
+                    refused.get_or_insert(other);
+                }
+            }
+        }
+        Ok(refused.map_or(Ok(()), Err))
+    }
+
+    /// Appends `events` (plus `extra` and `outbox`) durably, keeps the indexes in step, then
+    /// applies the events to the in-memory state.
+    async fn persist(
+        &mut self,
+        deps: &OrderDeps,
+        events: Vec<OrderEvent>,
+        mut batch: WriteBatch,
+        outbox: Vec<IntegrationEvent>,
+    ) -> Result<(), PersistError> {
+        if events.is_empty() && batch.is_empty() && outbox.is_empty() {
+            return Ok(());
+        }
+        let before = self.order.clone();
+        let after = events.iter().fold(before.clone(), Order::apply);
+        let expected_version = before.as_ref().map_or(0, |o| o.version);
+        if !events.is_empty() {
+            let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
+            batch.appends.push(Append { entity: self.id.to_string(), expected_version, events: encoded });
+        }
+        for event in &outbox {
+            batch.outbox.push(codec::encode(event)?);
+        }
+        if let Some(after) = &after {
+            index_changes(before.as_ref(), after, &mut batch);
+        }
+        deps.store.commit(batch).await?;
+        self.order = after;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stock {
+    Reserve,
+    Commit,
+    Release,
+}
+
+/// Why a state change was not persisted.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(transparent)]
+    Rejected(OrderRejection),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Codec(#[from] ordermesh_storage::codec::CodecError),
+}
+
+impl From<PersistError> for ServiceError {
+    fn from(err: PersistError) -> Self {
+        match err {
+            PersistError::Rejected(rejection) => rejection_error(rejection),
+            PersistError::Storage(e) => e.into(),
+            PersistError::Codec(e) => e.into(),
+        }
+    }
+}
+
+fn rejection_error(rejection: OrderRejection) -> ServiceError {
+    match rejection {
+        OrderRejection::NotFound => ServiceError::NotFound,
+        other => ServiceError::Invalid(other.to_string()),
+    }
+}
+
+/// Waits for all futures, in order (a tiny `join_all`, to avoid a dependency for one use).
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(set.len());
+    for f in set.iter_mut() {
+        out.push(f.await);
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// Indexes (in the order store's index keyspace), kept in the same commit as the events:
+//   c/<customer>\0<order id>          every order of a customer
+//   cs/<customer>\0<status>\0<order>  a customer's orders by status
+//   s/<status>\0<order id>            every order by status (admin)
+//   a/<order id>                      every order (admin)
+//   r/<order id>                      orders whose saga is not done (recovery at start)
+
+const SEP: u8 = 0;
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(SEP);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn index_changes(before: Option<&Order>, after: &Order, batch: &mut WriteBatch) {
+    let id = after.id.to_string();
+    let customer = after.customer.as_str().as_bytes();
+    if before.is_none() {
+        batch.index_put.push((key(&[b"c", customer, id.as_bytes()]), vec![]));
+        batch.index_put.push((key(&[b"a", id.as_bytes()]), vec![]));
+    }
+    let status_keys = |o: &Order| {
+        let status = o.status.as_str().as_bytes();
+        [key(&[b"cs", customer, status, id.as_bytes()]), key(&[b"s", status, id.as_bytes()])]
+    };
+    if before.is_none_or(|b| b.status != after.status) {
+        if let Some(b) = before {
+            batch.index_delete.extend(status_keys(b));
+        }
+        batch.index_put.extend(status_keys(after).map(|k| (k, vec![])));
+    }
+    let running = |o: &Order| o.next_step() != SagaStep::Done;
+    match (before.is_some_and(running), running(after)) {
+        (false, true) => batch.index_put.push((key(&[b"r", id.as_bytes()]), vec![])),
+        (true, false) => batch.index_delete.push(key(&[b"r", id.as_bytes()])),
+        _ => {}
+    }
+}
+
+fn idempotency_key(customer: &CustomerId, key: &str) -> String {
+    format!("{customer}\u{1f}{key}")
+}
+
+fn load_order(store: &Store, id: OrderId) -> Result<Option<Order>, ServiceError> {
+    let events = store.read_events(&id.to_string(), 0)?;
+    let mut order = None;
+    for stored in events {
+        order = Order::apply(order, &codec::decode::<OrderEvent>(&stored.bytes)?);
+    }
+    Ok(order)
+}
+
+// ------------------------------------------------------------------------------------------
+// The typed handle
+
+/// Who is asking: customers see and cancel only their own orders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requester {
+    Customer(CustomerId),
+    Admin,
+}
+
+impl Requester {
+    fn may_see(&self, order: &Order) -> bool {
+        match self {
+            Requester::Admin => true,
+            Requester::Customer(c) => *c == order.customer,
+        }
+    }
+}
+
+/// A new order as a client asks for it (validated types; prices come from inventory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewOrder {
+    pub customer: CustomerId,
+    pub items: Vec<(Sku, Quantity)>,
+    pub payment_token: PaymentToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceOutcome {
+    pub order: Order,
+    /// False when an idempotent retry returned the order placed earlier.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelOutcome {
+    pub order: Order,
+    /// True when the order was already cancelled (a no-op).
+    pub already_cancelled: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this customer's orders (always set for a customer requester).
+    pub customer: Option<CustomerId>,
+    pub status: Option<OrderStatus>,
+    pub limit: usize,
+    /// Continue after this order id (from the previous page).
+    pub after: Option<OrderId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OrderPage {
+    pub orders: Vec<Order>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<OrderId>,
+}
+
+/// Typed handle to the order service.
+#[derive(Clone)]
+pub struct OrderService {
+    router: RouterHandle<OrderMsg>,
+    store: Store,
+    inventory: InventoryService,
+    settings: Arc<Settings>,
+}
+
+impl OrderService {
+    pub(crate) fn new(
+        router: RouterHandle<OrderMsg>,
+        store: Store,
+        inventory: InventoryService,
+        settings: Arc<Settings>,
+    ) -> Self {
+        Self { router, store, inventory, settings }
+    }
+
+    /// Places an order: prices its lines from inventory, makes it durable, starts its saga.
+    /// With an idempotency key, a retry of the same request returns the first order.
+    pub async fn place(&self, new: NewOrder, idempotency_key: Option<String>) -> Result<PlaceOutcome, ServiceError> {
+        if new.items.is_empty() || new.items.len() > Order::MAX_LINES {
+            return Err(ServiceError::Invalid(format!("an order needs 1 to {} items", Order::MAX_LINES)));
+        }
+        let claim = match idempotency_key {
+            Some(key) => {
+                let request = codec::encode(&new)?;
+                if let Some(replay) = self.replay_idempotent(&new.customer, &key, &request).await? {
+                    return Ok(replay);
+                }
+                Some(IdempotencyClaim { key, request })
+            }
+            None => None,
+        };
+        let lines = self.price(&new.items).await?;
+        let id = OrderId::generate();
+        let request = PlaceRequest {
+            customer: new.customer.clone(),
+            lines,
+            payment_token: new.payment_token.clone(),
+            idempotency: claim,
+        };
+        let timeout = self.settings.call_timeout;
+        let result = self.router.call(id.to_string(), |reply| OrderMsg::Place { request, reply }, timeout).await?;
+        match result {
+            Ok(order) => Ok(PlaceOutcome { order, created: true }),
+            Err(PlaceError::Service(err)) => Err(err),
+            Err(PlaceError::KeyTaken { order, request }) => {
+                if request != codec::encode(&new)? {
+                    return Err(ServiceError::IdempotencyMismatch);
+                }
+                let order = self.read(order)?.ok_or(ServiceError::NotFound)?;
+                Ok(PlaceOutcome { order, created: false })
+            }
+        }
+    }
+
+    async fn replay_idempotent(
+        &self,
+        customer: &CustomerId,
+        key: &str,
+        request: &[u8],
+    ) -> Result<Option<PlaceOutcome>, ServiceError> {
+        let Some(record) = self.store.idempotency_get(&idempotency_key(customer, key))? else { return Ok(None) };
+        let value: IdempotencyValue = codec::decode(&record.value)?;
+        if value.request != request {
+            return Err(ServiceError::IdempotencyMismatch);
+        }
+        let order = self.read(value.order)?.ok_or(ServiceError::NotFound)?;
+        Ok(Some(PlaceOutcome { order, created: false }))
+    }
+
+    /// Merges repeated skus and prices every line from inventory (an unknown sku is priced 0;
+    /// its order is then cancelled with `unknown_sku`, as the contract says).
+    async fn price(&self, items: &[(Sku, Quantity)]) -> Result<Vec<OrderLine>, ServiceError> {
+        let mut merged: BTreeMap<&Sku, u32> = BTreeMap::new();
+        for (sku, quantity) in items {
+            *merged.entry(sku).or_default() += quantity.get();
+        }
+        let mut lines = Vec::with_capacity(merged.len());
+        let quotes = futures_join_all(merged.keys().map(|sku| self.inventory.get(sku))).await;
+        for ((sku, units), quote) in merged.into_iter().zip(quotes) {
+            let quantity = Quantity::new(units)
+                .map_err(|_| ServiceError::Invalid(format!("quantity of {sku} over {} in total", Quantity::MAX)))?;
+            let unit_price = quote?.map_or(crate::domain::Money::ZERO, |view| view.price);
+            lines.push(OrderLine { sku: sku.clone(), quantity, unit_price });
+        }
+        Ok(lines)
+    }
+
+    /// Reads an order as `requester` may see it (`None` also when it is someone else's).
+    pub async fn get(&self, id: OrderId, requester: &Requester) -> Result<Option<Order>, ServiceError> {
+        Ok(self.read(id)?.filter(|o| requester.may_see(o)))
+    }
+
+    /// Reads the order from the store (every persisted change; no actor is activated).
+    fn read(&self, id: OrderId) -> Result<Option<Order>, ServiceError> {
+        load_order(&self.store, id)
+    }
+
+    pub async fn cancel(&self, id: OrderId, requester: &Requester) -> Result<CancelOutcome, ServiceError> {
+        let order = self.get(id, requester).await?.ok_or(ServiceError::NotFound)?;
+        if order.status == OrderStatus::Cancelled {
+            return Ok(CancelOutcome { order, already_cancelled: true });
+        }
+        let timeout = self.settings.call_timeout;
+        let order = self.router.call(id.to_string(), |reply| OrderMsg::Cancel { reply }, timeout).await??;
+        Ok(CancelOutcome { order, already_cancelled: false })
+    }
+
+    /// Lists orders from the indexes, in id (creation) order.
+    pub fn list(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
+        let limit = query.limit.clamp(1, 500);
+        let status = query.status.map(|s| s.as_str().as_bytes());
+        let prefix = match (&query.customer, status) {
+            (Some(c), Some(s)) => key(&[b"cs", c.as_str().as_bytes(), s, b""]),
+            (Some(c), None) => key(&[b"c", c.as_str().as_bytes(), b""]),
+            (None, Some(s)) => key(&[b"s", s, b""]),
+            (None, None) => key(&[b"a", b""]),
+        };
+        let start_after = query.after.map(|id| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(id.to_string().as_bytes());
+            k
+        });
+        let entries = self.store.index_scan(&prefix, start_after.as_deref(), limit + 1)?;
+        let more = entries.len() > limit;
+        let mut orders = Vec::with_capacity(limit);
+        for (k, _) in entries.into_iter().take(limit) {
+            let raw = std::str::from_utf8(&k[prefix.len()..]).map_err(|e| ServiceError::Storage(e.to_string()))?;
+            let id = OrderId::parse(raw).map_err(|e| ServiceError::Storage(e.to_string()))?;
+            if let Some(order) = self.read(id)? {
+                orders.push(order);
+            }
+        }
+        let next = if more { orders.last().map(|o| o.id) } else { None };
+        Ok(OrderPage { orders, next })
+    }
+
+    /// Delivers the payment service's verdict (used by the payment outbox relay).
+    pub(crate) async fn payment_settled(
+        &self,
+        order: OrderId,
+        event_id: String,
+        outcome: PaymentOutcome,
+    ) -> Result<(), ServiceError> {
+        let timeout = self.settings.call_timeout;
+        self.router
+            .call(order.to_string(), |reply| OrderMsg::PaymentSettled { event_id, outcome, reply }, timeout)
+            .await?
+    }
+
+    /// Ids of orders whose saga is not finished (resumed at start).
+    pub(crate) fn running(&self) -> Result<Vec<OrderId>, ServiceError> {
+        let prefix = key(&[b"r", b""]);
+        let mut ids = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.index_scan(&prefix, after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            ids.extend(
+                page.iter().filter_map(|(k, _)| OrderId::parse(std::str::from_utf8(&k[prefix.len()..]).ok()?).ok()),
+            );
+        }
+        Ok(ids)
+    }
+
+    pub(crate) fn resume(&self, id: OrderId) {
+        let _ = self.router.send(id.to_string(), OrderMsg::Continue);
+    }
+
+    pub async fn active_entities(&self) -> Result<usize, ServiceError> {
+        Ok(self.router.active_entities().await?)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.router.stop();
+    }
+}

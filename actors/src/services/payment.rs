@@ -1,0 +1,357 @@
+//! The payment service: one entity per order's payment.
+//!
+//! It reacts to the order's integration events (`PaymentRequested`, `PaymentCancelRequested`)
+//! and answers with `PaymentSettled` through its own outbox. The provider call runs in a task
+//! spawned by the entity (so a cancel can be taken while a charge hangs), with retries,
+//! exponential backoff with jitter, a per-call timeout, a circuit breaker shared by all
+//! payments, and the payment deadline persisted in the log (so it holds after a restart). The
+//! order id is the provider's idempotency key, so a charge retried after a crash is not a
+//! second charge.
+
+use super::events::{IntegrationEvent, PaymentOutcome, event_id};
+use super::{Settings, now_ms};
+use crate::domain::{Money, OrderId, Payment, PaymentCommand, PaymentEvent, PaymentStep, PaymentToken, UnixMillis};
+use crate::error::ServiceError;
+use crate::provider::{ChargeDecision, ChargeRequest, PaymentProvider, RefundRequest};
+use ordermesh_runtime::{CircuitBreaker, Entity, EntityContext, Mailbox, RouterHandle};
+use ordermesh_storage::{Append, Store, WriteBatch, codec};
+use ractor::{ActorProcessingErr, RpcReplyPort};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+pub enum PaymentMsg {
+    /// From the order's outbox: charge this order.
+    Request {
+        event_id: String,
+        amount: Money,
+        token: PaymentToken,
+        deadline_at: UnixMillis,
+        reply: RpcReplyPort<Result<(), ServiceError>>,
+    },
+    /// From the order's outbox: the order is cancelled; void or refund.
+    Cancel {
+        event_id: String,
+        reply: RpcReplyPort<Result<(), ServiceError>>,
+    },
+    /// The charge task's final answer.
+    ChargeFinished(ChargeResult),
+    /// The refund task's answer: the provider's refund id.
+    RefundFinished {
+        refund_id: String,
+    },
+    /// Start whatever is pending (sent by recovery at start).
+    Resume,
+    Get {
+        reply: RpcReplyPort<Option<Payment>>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeResult {
+    Captured { charge_id: String },
+    Declined { reason: String },
+    Failed { reason: String },
+}
+
+#[derive(Clone)]
+pub struct PaymentDeps {
+    pub store: Store,
+    pub provider: Arc<dyn PaymentProvider>,
+    pub breaker: Arc<CircuitBreaker>,
+    pub settings: Arc<Settings>,
+}
+
+pub struct PaymentEntity {
+    order: OrderId,
+    payment: Option<Payment>,
+    /// The provider call in flight (a charge or a refund).
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for PaymentEntity {
+    fn drop(&mut self) {
+        // A charge task outliving its actor is harmless (the provider dedups on the order id
+        // and the next activation retries), but it would only waste a provider call.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Entity for PaymentEntity {
+    type Msg = PaymentMsg;
+    type Deps = PaymentDeps;
+
+    async fn activate(key: &str, deps: &PaymentDeps) -> Result<Self, ActorProcessingErr> {
+        let order = OrderId::parse(key)?;
+        let mut payment = None;
+        for stored in deps.store.read_events(key, 0)? {
+            payment = Payment::apply(payment, &codec::decode::<PaymentEvent>(&stored.bytes)?);
+        }
+        Ok(Self { order, payment, task: None })
+    }
+
+    fn on_activated(&mut self, ctx: &EntityContext<Self>) {
+        self.start_pending_work(ctx);
+    }
+
+    fn can_passivate(&self) -> bool {
+        self.task.is_none()
+    }
+
+    async fn handle(&mut self, msg: PaymentMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        let deps = ctx.deps();
+        match msg {
+            PaymentMsg::Request { event_id, amount, token, deadline_at, reply } => {
+                let command = PaymentCommand::Request { order: self.order, amount, token, deadline_at };
+                let result = self.execute_once(deps, &event_id, command).await;
+                let _ = reply.send(result);
+                self.start_pending_work(ctx);
+            }
+            PaymentMsg::Cancel { event_id, reply } => {
+                let result = self.execute_once(deps, &event_id, PaymentCommand::Cancel { order: self.order }).await;
+                let _ = reply.send(result);
+                self.start_pending_work(ctx);
+            }
+            PaymentMsg::ChargeFinished(result) => {
+                self.task = None;
+                let command = match result {
+                    ChargeResult::Captured { charge_id } => PaymentCommand::RecordCaptured { charge_id },
+                    ChargeResult::Declined { reason } => PaymentCommand::RecordDeclined { reason },
+                    ChargeResult::Failed { reason } => PaymentCommand::RecordFailed { reason },
+                };
+                self.execute(deps, command, None).await?;
+                self.start_pending_work(ctx);
+            }
+            PaymentMsg::RefundFinished { refund_id } => {
+                self.task = None;
+                self.execute(deps, PaymentCommand::RecordRefunded { refund_id }, None).await?;
+                metrics::counter!("payments_refunded_total").increment(1);
+            }
+            PaymentMsg::Resume => self.start_pending_work(ctx),
+            PaymentMsg::Get { reply } => {
+                let _ = reply.send(self.payment.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PaymentEntity {
+    /// Runs a command from another service's event at most once (inbox dedup on `event_id`).
+    async fn execute_once(
+        &mut self,
+        deps: &PaymentDeps,
+        event_id: &str,
+        command: PaymentCommand,
+    ) -> Result<(), ServiceError> {
+        if deps.store.inbox_contains(event_id)? {
+            return Ok(());
+        }
+        self.execute(deps, command, Some(event_id.to_string())).await
+    }
+
+    /// Decides, persists (with the settlement event for the order when the charge is final)
+    /// and applies.
+    async fn execute(
+        &mut self,
+        deps: &PaymentDeps,
+        command: PaymentCommand,
+        inbox: Option<String>,
+    ) -> Result<(), ServiceError> {
+        let events =
+            Payment::decide(self.payment.as_ref(), &command).map_err(|r| ServiceError::Invalid(r.to_string()))?;
+        if events.is_empty() && inbox.is_none() {
+            return Ok(());
+        }
+        let before_version = self.payment.as_ref().map_or(0, |p| p.version);
+        let after = events.iter().fold(self.payment.clone(), Payment::apply);
+        let mut batch = WriteBatch { inbox: inbox.into_iter().collect(), ..WriteBatch::default() };
+        if !events.is_empty() {
+            batch.appends.push(Append {
+                entity: self.order.to_string(),
+                expected_version: before_version,
+                events: events.iter().map(codec::encode).collect::<Result<_, _>>()?,
+            });
+        }
+        for (i, event) in events.iter().enumerate() {
+            let outcome = match event {
+                PaymentEvent::Captured { .. } => PaymentOutcome::Captured,
+                PaymentEvent::Declined { .. } => PaymentOutcome::Declined,
+                PaymentEvent::Failed { .. } => PaymentOutcome::Failed,
+                _ => continue,
+            };
+            metrics::counter!("payments_settled_total", "outcome" => format!("{outcome:?}").to_lowercase())
+                .increment(1);
+            // A cancelled order is not waiting for the verdict; the refund follows instead.
+            if after.as_ref().is_some_and(|p| !p.cancel_requested) {
+                let seq = before_version + i as u64 + 1;
+                let settled = IntegrationEvent::PaymentSettled {
+                    event_id: event_id(self.order, "payment", seq),
+                    order: self.order,
+                    outcome,
+                };
+                batch.outbox.push(codec::encode(&settled)?);
+            }
+        }
+        let active_key = [b"r/".as_slice(), self.order.to_string().as_bytes()].concat();
+        let running = |p: &Option<Payment>| p.as_ref().is_some_and(|p| p.next_step() != PaymentStep::Done);
+        match (running(&self.payment), running(&after)) {
+            (false, true) => batch.index_put.push((active_key, vec![])),
+            (true, false) => batch.index_delete.push(active_key),
+            _ => {}
+        }
+        deps.store.commit(batch).await?;
+        self.payment = after;
+        Ok(())
+    }
+
+    fn start_pending_work(&mut self, ctx: &EntityContext<Self>) {
+        if self.task.is_some() {
+            return;
+        }
+        let Some(payment) = &self.payment else { return };
+        let deps = ctx.deps().clone();
+        let mailbox = ctx.mailbox();
+        self.task = match payment.next_step() {
+            PaymentStep::Done => None,
+            PaymentStep::Charge { deadline_at } => {
+                let Some(token) = payment.token.clone() else { return };
+                let request = ChargeRequest { idempotency_key: self.order.to_string(), amount: payment.amount, token };
+                Some(tokio::spawn(charge_until_deadline(deps, request, deadline_at, mailbox)))
+            }
+            PaymentStep::Refund => {
+                let Some(charge_id) = payment.charge_id.clone() else { return };
+                let request =
+                    RefundRequest { idempotency_key: self.order.to_string(), charge_id, amount: payment.amount };
+                Some(tokio::spawn(refund_until_done(deps, request, mailbox)))
+            }
+        };
+    }
+}
+
+/// Charges with retries until the provider decides or the deadline passes.
+async fn charge_until_deadline(
+    deps: PaymentDeps,
+    request: ChargeRequest,
+    deadline_at: UnixMillis,
+    mailbox: Mailbox<PaymentMsg>,
+) {
+    let settings = &deps.settings;
+    let mut attempt = 0u32;
+    let result = loop {
+        let remaining = Duration::from_millis(deadline_at.saturating_sub(now_ms()));
+        if remaining.is_zero() {
+            break ChargeResult::Failed { reason: format!("payment deadline passed after {attempt} attempts") };
+        }
+        if let Some(admitted) = deps.breaker.admit() {
+            let call = deps.provider.charge(request.clone());
+            match tokio::time::timeout(settings.payment_call_timeout.min(remaining), call).await {
+                Ok(Ok(ChargeDecision::Approved { charge_id })) => {
+                    deps.breaker.success(admitted);
+                    break ChargeResult::Captured { charge_id };
+                }
+                Ok(Ok(ChargeDecision::Declined { reason })) => {
+                    deps.breaker.success(admitted);
+                    break ChargeResult::Declined { reason };
+                }
+                Ok(Err(err)) => {
+                    deps.breaker.failure(admitted);
+                    tracing::debug!(order = request.idempotency_key, attempt, error = %err, "charge failed, will retry");
+                }
+                Err(_elapsed) => {
+                    deps.breaker.failure(admitted);
+                    tracing::debug!(order = request.idempotency_key, attempt, "charge timed out, will retry");
+                }
+            }
+        }
+        metrics::counter!("payment_retries_total").increment(1);
+        let remaining = Duration::from_millis(deadline_at.saturating_sub(now_ms()));
+        tokio::time::sleep(settings.payment_backoff.delay(attempt).min(remaining)).await;
+        attempt = attempt.saturating_add(1);
+    };
+    mailbox.send(PaymentMsg::ChargeFinished(result));
+}
+
+/// Refunds with retries until the provider confirms (a refund owed is never dropped).
+async fn refund_until_done(deps: PaymentDeps, request: RefundRequest, mailbox: Mailbox<PaymentMsg>) {
+    let mut attempt = 0u32;
+    loop {
+        if let Some(admitted) = deps.breaker.admit() {
+            let call = deps.provider.refund(request.clone());
+            match tokio::time::timeout(deps.settings.payment_call_timeout, call).await {
+                Ok(Ok(refund_id)) => {
+                    deps.breaker.success(admitted);
+                    mailbox.send(PaymentMsg::RefundFinished { refund_id });
+                    return;
+                }
+                _ => deps.breaker.failure(admitted),
+            }
+        }
+        metrics::counter!("payment_retries_total").increment(1);
+        tokio::time::sleep(deps.settings.payment_backoff.delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Typed handle to the payment service.
+#[derive(Clone)]
+pub struct PaymentService {
+    router: RouterHandle<PaymentMsg>,
+    store: Store,
+    settings: Arc<Settings>,
+}
+
+impl PaymentService {
+    pub(crate) fn new(router: RouterHandle<PaymentMsg>, store: Store, settings: Arc<Settings>) -> Self {
+        Self { router, store, settings }
+    }
+
+    /// The payment of an order, as its log says.
+    pub fn get(&self, order: OrderId) -> Result<Option<Payment>, ServiceError> {
+        let mut payment = None;
+        for stored in self.store.read_events(&order.to_string(), 0)? {
+            payment = Payment::apply(payment, &codec::decode::<PaymentEvent>(&stored.bytes)?);
+        }
+        Ok(payment)
+    }
+
+    /// Delivers one of the order service's events (used by the order outbox relay).
+    pub(crate) async fn deliver(&self, event: IntegrationEvent) -> Result<(), ServiceError> {
+        let timeout = self.settings.call_timeout;
+        match event {
+            IntegrationEvent::PaymentRequested { event_id, order, amount, token, deadline_at } => {
+                let build = |reply| PaymentMsg::Request { event_id, amount, token, deadline_at, reply };
+                self.router.call(order.to_string(), build, timeout).await?
+            }
+            IntegrationEvent::PaymentCancelRequested { event_id, order } => {
+                self.router.call(order.to_string(), |reply| PaymentMsg::Cancel { event_id, reply }, timeout).await?
+            }
+            IntegrationEvent::PaymentSettled { .. } => {
+                Err(ServiceError::Invalid("payment settlements go to the order service".into()))
+            }
+        }
+    }
+
+    /// Orders whose payment has work pending (resumed at start).
+    pub(crate) fn running(&self) -> Result<Vec<OrderId>, ServiceError> {
+        let mut ids = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.index_scan(b"r/", after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            ids.extend(page.iter().filter_map(|(k, _)| OrderId::parse(std::str::from_utf8(&k[2..]).ok()?).ok()));
+        }
+        Ok(ids)
+    }
+
+    pub(crate) fn resume(&self, order: OrderId) {
+        let _ = self.router.send(order.to_string(), PaymentMsg::Resume);
+    }
+
+    pub(crate) fn stop(&self) {
+        self.router.stop();
+    }
+}

@@ -1,0 +1,244 @@
+//! The order saga end to end in one process: real stores on disk, real actors, the simulated
+//! payment provider. Each case ends as the contract says.
+#![allow(clippy::unwrap_used)]
+
+use ordermesh_actors::domain::{
+    CancelReason, CustomerId, Money, Order, OrderId, OrderStatus, PaymentStatus, PaymentToken, Quantity, Sku,
+};
+use ordermesh_actors::provider::SimulatedProvider;
+use ordermesh_actors::services::order::{ListQuery, NewOrder, Requester};
+use ordermesh_actors::{ServiceError, Services, Settings};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn fast_settings() -> Settings {
+    Settings {
+        payment_deadline: Duration::from_secs(2),
+        payment_call_timeout: Duration::from_millis(200),
+        breaker_cooldown: Duration::from_millis(100),
+        ..Settings::default()
+    }
+}
+
+struct App {
+    services: Services,
+    provider: Arc<SimulatedProvider>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(SimulatedProvider::new());
+    let services = Services::start(dir.path(), fast_settings(), provider.clone()).await.unwrap();
+    App { services, provider, _dir: dir }
+}
+
+fn sku(s: &str) -> Sku {
+    Sku::parse(s).unwrap()
+}
+
+fn new_order(customer: &str, items: &[(&str, u32)], token: &str) -> NewOrder {
+    NewOrder {
+        customer: CustomerId::parse(customer).unwrap(),
+        items: items.iter().map(|(s, q)| (sku(s), Quantity::new(*q).unwrap())).collect(),
+        payment_token: PaymentToken::parse(token).unwrap(),
+    }
+}
+
+async fn wait_terminal(app: &App, id: OrderId, within: Duration) -> Order {
+    let started = Instant::now();
+    loop {
+        let order = app.services.orders.get(id, &Requester::Admin).await.unwrap().unwrap();
+        if order.status.is_terminal() && order.cancel_requested.is_none_or(|_| order.status == OrderStatus::Cancelled) {
+            return order;
+        }
+        assert!(started.elapsed() < within, "order {id} still {:?} after {within:?}", order.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stock(app: &App, s: &str) -> (u64, u64) {
+    let view = app.services.inventory.get(&sku(s)).await.unwrap().unwrap();
+    (view.available, view.reserved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_order_confirms_and_commits_stock() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    app.services.inventory.set_stock(&sku("pear"), 5, Money::from_cents(90)).await.unwrap();
+    let placed =
+        app.services.orders.place(new_order("alice", &[("apple", 3), ("pear", 2)], "tok_visa"), None).await.unwrap();
+    assert_eq!(placed.order.status, OrderStatus::Pending);
+    assert_eq!(placed.order.total, Money::from_cents(3 * 150 + 2 * 90));
+    let order = wait_terminal(&app, placed.order.id, Duration::from_secs(10)).await;
+    assert_eq!(order.status, OrderStatus::Confirmed);
+    assert_eq!(stock(&app, "apple").await, (7, 0));
+    assert_eq!(stock(&app, "pear").await, (3, 0));
+    let payment = app.services.payments.get(order.id).unwrap().unwrap();
+    assert_eq!(payment.status, PaymentStatus::Captured);
+    assert_eq!(app.provider.approved_charges(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_payment_cancels_and_releases_stock() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    let placed =
+        app.services.orders.place(new_order("bob", &[("apple", 4)], "tok_chargeDeclined"), None).await.unwrap();
+    let order = wait_terminal(&app, placed.order.id, Duration::from_secs(10)).await;
+    assert_eq!((order.status, order.cancel_reason), (OrderStatus::Cancelled, Some(CancelReason::PaymentDeclined)));
+    assert_eq!(stock(&app, "apple").await, (10, 0));
+    assert_eq!(app.provider.approved_charges(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_provider_is_retried_to_exactly_one_charge() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    let placed = app.services.orders.place(new_order("carol", &[("apple", 1)], "tok_flaky"), None).await.unwrap();
+    let order = wait_terminal(&app, placed.order.id, Duration::from_secs(10)).await;
+    assert_eq!(order.status, OrderStatus::Confirmed);
+    assert_eq!(app.provider.approved_charges(), 1);
+    assert_eq!(stock(&app, "apple").await, (9, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_timeout_fails_the_payment_at_its_deadline() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    let placed = app.services.orders.place(new_order("dan", &[("apple", 2)], "tok_timeout"), None).await.unwrap();
+    let order = wait_terminal(&app, placed.order.id, Duration::from_secs(15)).await;
+    assert_eq!((order.status, order.cancel_reason), (OrderStatus::Cancelled, Some(CancelReason::PaymentFailed)));
+    assert_eq!(stock(&app, "apple").await, (10, 0));
+    assert_eq!(app.provider.approved_charges(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversold_and_unknown_skus_cancel_and_release_the_other_lines() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    app.services.inventory.set_stock(&sku("rare"), 1, Money::from_cents(9_999)).await.unwrap();
+    let oversold =
+        app.services.orders.place(new_order("erin", &[("apple", 2), ("rare", 2)], "tok_visa"), None).await.unwrap();
+    let unknown =
+        app.services.orders.place(new_order("erin", &[("apple", 2), ("nope", 1)], "tok_visa"), None).await.unwrap();
+    let o = wait_terminal(&app, oversold.order.id, Duration::from_secs(10)).await;
+    assert_eq!(o.cancel_reason, Some(CancelReason::OutOfStock));
+    let u = wait_terminal(&app, unknown.order.id, Duration::from_secs(10)).await;
+    assert_eq!(u.cancel_reason, Some(CancelReason::UnknownSku));
+    assert_eq!(stock(&app, "apple").await, (10, 0));
+    assert_eq!(stock(&app, "rare").await, (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_never_oversell() {
+    let app = Arc::new(start().await);
+    app.services.inventory.set_stock(&sku("hot"), 7, Money::from_cents(100)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.services
+                .orders
+                .place(new_order(&format!("c{i}"), &[("hot", 1)], "tok_visa"), None)
+                .await
+                .unwrap()
+                .order
+                .id
+        }));
+    }
+    let mut confirmed = 0;
+    for t in tasks {
+        let order = wait_terminal(&app, t.await.unwrap(), Duration::from_secs(20)).await;
+        if order.status == OrderStatus::Confirmed {
+            confirmed += 1;
+        } else {
+            assert_eq!(order.cancel_reason, Some(CancelReason::OutOfStock));
+        }
+    }
+    assert_eq!(confirmed, 7);
+    assert_eq!(stock(&app, "hot").await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_confirmed_order_refunds_and_returns_stock() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    let placed = app.services.orders.place(new_order("fay", &[("apple", 3)], "tok_visa"), None).await.unwrap();
+    let id = placed.order.id;
+    wait_terminal(&app, id, Duration::from_secs(10)).await;
+    let fay = Requester::Customer(CustomerId::parse("fay").unwrap());
+    let other = Requester::Customer(CustomerId::parse("mallory").unwrap());
+    assert_eq!(app.services.orders.cancel(id, &other).await, Err(ServiceError::NotFound));
+    let cancelled = app.services.orders.cancel(id, &fay).await.unwrap();
+    assert!(!cancelled.already_cancelled);
+    assert_eq!(cancelled.order.status, OrderStatus::Cancelled);
+    assert_eq!(stock(&app, "apple").await, (10, 0));
+    let again = app.services.orders.cancel(id, &fay).await.unwrap();
+    assert!(again.already_cancelled);
+    let started = Instant::now();
+    while app.services.payments.get(id).unwrap().unwrap().status != PaymentStatus::Refunded {
+        assert!(started.elapsed() < Duration::from_secs(10), "refund did not happen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.provider.refunds(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_first_order() {
+    let app = Arc::new(start().await);
+    app.services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_visa"), Some("k-1".into())).await.unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().order.id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every retry got the same order");
+    let different = app.services.orders.place(new_order("gus", &[("apple", 2)], "tok_visa"), Some("k-1".into())).await;
+    assert_eq!(different.map(|p| p.order.id), Err(ServiceError::IdempotencyMismatch));
+    // Another customer may use the same key for their own order.
+    let other =
+        app.services.orders.place(new_order("hal", &[("apple", 1)], "tok_visa"), Some("k-1".into())).await.unwrap();
+    assert_ne!(other.order.id, ids[0]);
+    wait_terminal(&app, ids[0], Duration::from_secs(10)).await;
+    assert_eq!(stock(&app, "apple").await.0, 100 - 1 - other.created as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_through_a_customers_orders_by_status() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(1)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(
+            app.services.orders.place(new_order("ivy", &[("apple", 1)], "tok_visa"), None).await.unwrap().order.id,
+        );
+    }
+    app.services.orders.place(new_order("jon", &[("apple", 1)], "tok_visa"), None).await.unwrap();
+    for id in &ids {
+        wait_terminal(&app, *id, Duration::from_secs(10)).await;
+    }
+    let ivy = CustomerId::parse("ivy").unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let query = ListQuery { customer: Some(ivy.clone()), status: Some(OrderStatus::Confirmed), limit: 3, after };
+        let page = app.services.orders.list(&query).unwrap();
+        seen.extend(page.orders.iter().map(|o| o.id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "all of ivy's confirmed orders, in creation order, none of jon's");
+    let pending = ListQuery { customer: Some(ivy), status: Some(OrderStatus::Pending), limit: 10, after: None };
+    assert!(app.services.orders.list(&pending).unwrap().orders.is_empty());
+}
