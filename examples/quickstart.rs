@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
         println!("stocked {:<12} available {:>4}  price {:>4} cents", sku, view.available, view.price.cents());
     }
 
-    let orders: &[(&str, &[(&str, u32)], &str, &str)] = &[
+    // (customer, items, payment token, what to expect)
+    type Line = (&'static str, u32);
+    let orders: &[(&str, &[Line], &str, &str)] = &[
         ("alice", &[("espresso", 2)], "tok_visa", "approved"),
         ("alice", &[("espresso", 1), ("croissant", 2)], "tok_mastercard", "approved (any other tok_)"),
         ("bob", &[("croissant", 1)], "tok_chargeDeclined", "declined"),
@@ -45,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
     for (customer, items, token, note) in orders {
         let new = NewOrder {
             customer: CustomerId::parse(*customer)?,
-            items: items.iter().map(|(s, q)| Ok((Sku::parse(*s)?, Quantity::new(*q)?))).collect::<anyhow::Result<_>>()?,
+            items: items
+                .iter()
+                .map(|(s, q)| Ok((Sku::parse(*s)?, Quantity::new(*q)?)))
+                .collect::<anyhow::Result<_>>()?,
             payment_token: PaymentToken::parse(*token)?,
         };
         let outcome = services.orders.place(new, None).await?;
@@ -86,7 +91,10 @@ async fn main() -> anyhow::Result<()> {
     println!();
     for (sku, initial, _) in catalogue {
         let view = services.inventory.get(&Sku::parse(sku)?).await?.ok_or_else(|| anyhow::anyhow!("{sku} vanished"))?;
-        println!("{:<12} available {:>4}  reserved {:>2}  (started with {initial})", sku, view.available, view.reserved);
+        println!(
+            "{:<12} available {:>4}  reserved {:>2}  (started with {initial})",
+            sku, view.available, view.reserved
+        );
     }
     println!("finished in {:.1?}", started.elapsed());
     services.shutdown().await?;

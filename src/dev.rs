@@ -30,12 +30,14 @@ pub fn run(config_file: Option<&Path>, flags: DevFlags) -> anyhow::Result<ExitCo
     let authenticator = Arc::new(config.authenticator()?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     runtime.block_on(async move {
+        // Listen for SIGTERM before announcing anything: a signal that arrives between the
+        // banner and the server must drain too, not kill the process.
+        let signal = shutdown_signal()?;
         // Before anything records a metric, so every metric is exported.
         let _metrics = ordermesh_gateway::metrics_handle();
-        let services =
-            Services::start(&config.data_dir, service_settings(&config), Arc::new(SimulatedProvider::new()))
-                .await
-                .with_context(|| format!("cannot start the services on {}", config.data_dir.display()))?;
+        let services = Services::start(&config.data_dir, service_settings(&config), Arc::new(SimulatedProvider::new()))
+            .await
+            .with_context(|| format!("cannot start the services on {}", config.data_dir.display()))?;
         seed_demo_catalogue(&services, &config.data_dir).await?;
 
         let listener = tokio::net::TcpListener::bind(config.http)
@@ -55,7 +57,7 @@ pub fn run(config_file: Option<&Path>, flags: DevFlags) -> anyhow::Result<ExitCo
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let draining = readiness.clone();
         let shutdown = async move {
-            wait_for_signal().await;
+            signal.await;
             tracing::info!("shutdown requested, draining");
             draining.set_draining();
             let _ = signalled_tx.send(());
@@ -107,23 +109,15 @@ fn print_banner(addr: std::net::SocketAddr, data_dir: &Path, customer: &str, adm
     );
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }

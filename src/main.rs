@@ -76,7 +76,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dev(flags) => dev::run(cli.config.as_deref(), flags),
-        Command::Token(args) => wiring::print_token(cli.config.as_deref(), args.data_dir, &args.sub, args.role, args.ttl),
+        Command::Token(args) => {
+            wiring::print_token(cli.config.as_deref(), args.data_dir, &args.sub, args.role, args.ttl)
+        }
         Command::Healthcheck(flags) => healthcheck::run(cli.config.as_deref(), flags),
     };
     match result {

@@ -78,7 +78,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("cannot write {}", path.display()))
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `ordermesh token`: signs a token with the configured key, or a dev server's generated one.
@@ -98,7 +100,10 @@ pub fn print_token(
     if config.jwt_secret.is_none() && config.jwt_algorithm == JwtAlgorithm::HS256 {
         let path = config.data_dir.join(DEV_SECRET_FILE);
         let secret = std::fs::read_to_string(&path).with_context(|| {
-            format!("no key configured: set ORDERMESH_JWT_SECRET, or start `ordermesh dev` once so it creates {}", path.display())
+            format!(
+                "no key configured: set ORDERMESH_JWT_SECRET, or start `ordermesh dev` once so it creates {}",
+                path.display()
+            )
         })?;
         config.jwt_secret = Some(Secret::new(secret.trim()));
     }

@@ -14,6 +14,14 @@ struct Dev {
     base: String,
 }
 
+impl Drop for Dev {
+    /// A failed assertion must not leave a server running (it would hold the test's pipes).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `ordermesh dev` on a free port and waits for its banner.
 fn start_dev(data_dir: &Path) -> Dev {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
@@ -69,17 +77,12 @@ async fn acknowledged_orders_survive_kill_nine_and_finish_after_restart() {
     let mut n = 0usize;
     while Instant::now() < deadline {
         let body = serde_json::json!({
-            "items": [{"sku": if n % 7 == 0 { "mug" } else { "espresso" }, "quantity": 1}],
+            "items": [{"sku": if n.is_multiple_of(7) { "mug" } else { "espresso" }, "quantity": 1}],
             "payment_token": tokens[n % tokens.len()],
         });
         n += 1;
-        let response = http
-            .post(format!("{}/v1/orders", dev.base))
-            .bearer_auth(&customer)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response =
+            http.post(format!("{}/v1/orders", dev.base)).bearer_auth(&customer).json(&body).send().await.unwrap();
         if response.status() == 202 {
             let order: serde_json::Value = response.json().await.unwrap();
             accepted.push(order["id"].as_str().unwrap().to_owned());
@@ -93,8 +96,7 @@ async fn acknowledged_orders_survive_kill_nine_and_finish_after_restart() {
     let started = Instant::now();
     for id in &accepted {
         loop {
-            let response =
-                http.get(format!("{}/v1/orders/{id}", dev.base)).bearer_auth(&admin).send().await.unwrap();
+            let response = http.get(format!("{}/v1/orders/{id}", dev.base)).bearer_auth(&admin).send().await.unwrap();
             assert_eq!(response.status(), 200, "acknowledged order {id} is gone");
             let order: serde_json::Value = response.json().await.unwrap();
             let status = order["status"].as_str().unwrap().to_owned();

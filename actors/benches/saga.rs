@@ -29,7 +29,10 @@ async fn run_orders(services: &Arc<Services>, count: u64, in_flight: usize) -> D
             let _permit = permit;
             let order = NewOrder {
                 customer: CustomerId::parse(format!("bench-{}", n % 1000)).expect("valid"),
-                items: vec![(Sku::parse(format!("sku-{}", n as usize % SKUS)).expect("valid"), Quantity::new(1).expect("valid"))],
+                items: vec![(
+                    Sku::parse(format!("sku-{}", n as usize % SKUS)).expect("valid"),
+                    Quantity::new(1).expect("valid"),
+                )],
                 payment_token: PaymentToken::parse("tok_visa").expect("valid"),
             };
             let id = services.orders.place(order, None).await.expect("placed").order.id;

@@ -70,7 +70,7 @@ fn crash_child() {
                             out.flush().unwrap();
                         }
                         // Now and then the customer changes their mind.
-                        if pick % 11 == 0 {
+                        if pick.is_multiple_of(11) {
                             let who = Requester::Customer(placed.order.customer.clone());
                             let _ = services.orders.cancel(placed.order.id, &who).await;
                         }

@@ -18,6 +18,10 @@
 //! | body over the route's limit | 413 |
 //! | body could not be read (client went away) | 400 |
 //!
+//! Service errors map to statuses here too (`impl From<ServiceError> for Problem`), once:
+//! `NotFound` 404, `Invalid` and `IdempotencyMismatch` 422, `Unavailable` 503 with
+//! `Retry-After`, `Storage` 500 with the cause logged, never sent.
+//!
 //! The 413 only becomes a problem when the limit is enforced *while the extractor reads the
 //! body*: use `axum::extract::DefaultBodyLimit::max(n)` on the route. tower-http's
 //! `RequestBodyLimitLayer` answers an oversized `Content-Length` on its own with a plain-text
@@ -31,6 +35,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ordermesh_actors::ServiceError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -333,6 +338,32 @@ fn truncate(mut detail: String) -> String {
         detail.push('…');
     }
     detail
+}
+
+/// The one mapping from a service error to a status: the contract's table, decided here so
+/// no handler picks its own.
+impl From<ServiceError> for Problem {
+    fn from(err: ServiceError) -> Self {
+        match &err {
+            ServiceError::NotFound => Problem::not_found("no such resource"),
+            ServiceError::Invalid(reason) => Problem::unprocessable(reason.clone()),
+            ServiceError::IdempotencyMismatch => Problem::unprocessable(
+                "this `Idempotency-Key` was already used with a different request body; use a new key for a new order",
+            ),
+            ServiceError::Unavailable { service, detail } => {
+                tracing::warn!(service, detail, "service unavailable");
+                Problem::unavailable(
+                    err.retry_after_secs().unwrap_or(1),
+                    format!("the {service} service is unavailable or overloaded; retry later"),
+                )
+            }
+            ServiceError::Storage(reason) => {
+                // The cause stays in the log: it may name files and internal state.
+                tracing::error!(reason, "storage failure while handling a request");
+                Problem::internal()
+            }
+        }
+    }
 }
 
 /// `axum::Json` as a request extractor, with rejections turned into [`Problem`]s (see the

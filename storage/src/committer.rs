@@ -1,0 +1,897 @@
+//! Group commit: the write path's back half, on two threads of its own.
+//!
+//! Why group commit: an fsync costs milliseconds (about 3.4 ms on our machines), so one fsync per
+//! write caps a store near 300 writes/s. Instead every `Store::commit` queues its (already
+//! encoded) batch and waits; one flush and one fsync acknowledge everything queued meanwhile.
+//!
+//! Why two threads, a pipeline:
+//!
+//! - the *committer* takes every queued write, checks each batch against the store *and* against
+//!   the batches before it in the same group, applies the accepted ones as one atomic sled batch
+//!   and hands the group to the syncer; then it goes on with the next group at once;
+//! - the *syncer* takes every group handed over since its last round, flushes sled (which writes
+//!   them all to the log file), fsyncs the files for real, and only then publishes the durable
+//!   outbox watermark and answers the waiters of all those groups.
+//!
+//! So applying (CPU) overlaps with flushing and fsyncing (the disk), and an fsync covers every
+//! group applied while the previous one ran: under load each fsync acknowledges hundreds of
+//! writes. The syncer may also wait a fraction of a round for writers it just acknowledged to
+//! come back (see `Syncer::gather`), so that a moderate number of writers shares one fsync
+//! instead of settling into two alternating half-size cohorts.
+//!
+//! Both are std threads, not tokio tasks, because all they do is block (sled writes, fsync) and
+//! they must not starve or be starved by async work.
+//!
+//! Because the committer is the only thread that writes versions, inbox marks and idempotency
+//! claims, its checks cannot race with another writer: no locks or compare-and-swap are needed,
+//! and it may cache entity versions. A group it applies may be visible to reads before its fsync
+//! returns; nobody is acknowledged, and no outbox entry handed out, before that. If a flush or
+//! fsync fails, nothing of the failed round nor anything after it is ever acknowledged: the store
+//! is poisoned (see [`StorageError::Poisoned`]).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::codec;
+use crate::error::StorageError;
+use crate::keys;
+use crate::store::{Committed, IdempotencyRecord, IdempotencyValue, Prepared, Shared, StoreOptions};
+
+/// How often the syncer records the durable commit-group count in the sentinel file (two
+/// fsyncs). sled recovers a log with a corrupt record as if it ended there, silently; with this
+/// checkpoint, an open that recovers fewer groups than were durable a second before the crash is
+/// an error instead of a shorter history.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Most entity versions the committer keeps cached (about 100 bytes each).
+const VERSION_CACHE_MAX: usize = 100_000;
+
+/// Least time between two writes of the commit-group counter into the database: the counter only
+/// needs to move about as often as the checkpoint that compares with it, not with every group.
+const COMMIT_SEQ_EVERY: Duration = Duration::from_millis(10);
+
+/// A message to the committer.
+pub(crate) enum Request {
+    Write(PendingWrite),
+    /// Finish what is queued before this message, flush, fsync and stop.
+    Close(mpsc::SyncSender<Result<(), StorageError>>),
+}
+
+/// One `Store::commit` call waiting for its group.
+pub(crate) struct PendingWrite {
+    pub(crate) batch: Prepared,
+    pub(crate) reply: oneshot::Sender<Result<Committed, StorageError>>,
+}
+
+type Reply = oneshot::Sender<Result<Committed, StorageError>>;
+
+/// A group the committer has checked and applied, on its way to the disk.
+struct AppliedGroup {
+    /// Every waiter of the group with its answer (rejections included: they are answered with
+    /// the group, once the state they were judged against is durable).
+    answers: Vec<(Reply, Result<Committed, StorageError>)>,
+    /// Highest outbox id the group added, if it added any.
+    outbox_watermark: Option<u64>,
+    /// How many of its batches were accepted.
+    accepted: u64,
+    /// The commit-group counter as written into the database so far (by this group or before).
+    commit_seq: u64,
+    /// When it was applied (see `Syncer::gather`).
+    applied_at: Instant,
+}
+
+/// Longest time the syncer waits for more groups before starting a round (see `Syncer::gather`).
+const MAX_GATHER_WINDOW: Duration = Duration::from_millis(1);
+
+/// The committer's final count and where to answer, when it asks the syncer to stop.
+type CloseRequest = (u64, mpsc::SyncSender<Result<(), StorageError>>);
+
+/// A message to the syncer.
+enum SyncMessage {
+    Group(AppliedGroup),
+    /// Make everything durable (with the final commit-group count) and stop.
+    Close {
+        commit_seq: u64,
+        reply: mpsc::SyncSender<Result<(), StorageError>>,
+    },
+}
+
+/// Reads an entity's version: the seq of its last event (0 if it has none). `prefix` is the
+/// entity's event-key prefix. There is no separate head record: writing one with every append
+/// cost about a third of the write path's CPU in sled, and the last event key says the same.
+pub(crate) fn read_version(shared: &Shared, db: &sled::Db, prefix: &[u8]) -> Result<u64, StorageError> {
+    // An event prefix ends with the 0x00 separator, so it always has an end.
+    let Some(end) = keys::prefix_end(prefix) else {
+        return Ok(0);
+    };
+    match db.range::<&[u8], _>(prefix..end.as_slice()).next_back() {
+        None => Ok(0),
+        Some(Ok((key, _))) => {
+            keys::event_seq(prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))
+        }
+        Some(Err(e)) => Err(shared.sled_error("read version", e)),
+    }
+}
+
+/// Reads an idempotency record.
+pub(crate) fn read_claim(
+    shared: &Shared,
+    db: &sled::Db,
+    tree_key: &[u8],
+    key: &str,
+) -> Result<Option<IdempotencyRecord>, StorageError> {
+    match db.get(tree_key).map_err(|e| shared.sled_error("read idempotency", e))? {
+        Some(v) => {
+            let value: IdempotencyValue = shared.decode(tree_key, &v)?;
+            Ok(Some(IdempotencyRecord { key: key.to_owned(), value: value.value, created_at_ms: value.created_at_ms }))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Where the committer sends applied groups: a syncer thread, or (unit tests, before `run`) a
+/// syncer driven inline.
+enum SyncStage {
+    Inline(Box<Syncer>),
+    Thread { sender: mpsc::Sender<SyncMessage>, thread: JoinHandle<()> },
+    Stopped,
+}
+
+pub(crate) struct Committer {
+    pub(crate) db: sled::Db,
+    pub(crate) shared: Arc<Shared>,
+    options: StoreOptions,
+    next_outbox: u64,
+    /// Commit groups ever applied to this store (see `keys`), and the value and time of its
+    /// last write into the database.
+    commit_seq: u64,
+    persisted_seq: (u64, Instant),
+    /// Held by the syncer while sled flushes (see `commit_group`).
+    flush_gate: Arc<Mutex<()>>,
+    /// Entity versions as of the last applied group, including this group's accepted batches.
+    /// Exact, not a guess: only this thread writes versions. Cleared (between groups) when large.
+    versions: HashMap<Vec<u8>, u64>,
+    // Claims of this group's accepted batches (earlier groups are already in the tree).
+    inbox: HashSet<Vec<u8>>,
+    claims: HashMap<Vec<u8>, IdempotencyRecord>,
+    sync: SyncStage,
+    group_size: metrics::Histogram,
+}
+
+impl Committer {
+    pub(crate) fn new(
+        db: sled::Db,
+        shared: Arc<Shared>,
+        options: StoreOptions,
+        next_outbox: u64,
+        commit_seq: u64,
+    ) -> io::Result<Committer> {
+        let flush_gate = Arc::new(Mutex::new(()));
+        let syncer = Syncer::new(db.clone(), shared.clone(), options.fsync, commit_seq, flush_gate.clone())?;
+        Ok(Committer {
+            group_size: metrics::histogram!("storage_commit_group_size", "store" => shared.name.clone()),
+            db,
+            shared,
+            options,
+            next_outbox,
+            commit_seq,
+            persisted_seq: (commit_seq, Instant::now()),
+            flush_gate,
+            versions: HashMap::new(),
+            inbox: HashSet::new(),
+            claims: HashMap::new(),
+            sync: SyncStage::Inline(Box::new(syncer)),
+        })
+    }
+
+    /// At open, before `run`: makes whatever recovery found durable.
+    pub(crate) fn sync_at_open(&mut self) -> io::Result<()> {
+        match &mut self.sync {
+            SyncStage::Inline(syncer) => syncer.sync_at_open(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The committer thread's body. Starts the syncer thread first.
+    pub(crate) fn run(mut self, requests: mpsc::Receiver<Request>) {
+        if let Err(e) = self.start_syncer() {
+            let cause = format!("cannot start the syncer thread: {e}");
+            tracing::error!(store = %self.shared.name, error = %cause, "store unusable");
+            let _ = self.shared.poisoned.set(cause);
+        }
+        let mut group: Vec<PendingWrite> = Vec::new();
+        loop {
+            let mut close = None;
+            match requests.recv() {
+                Ok(Request::Write(write)) => {
+                    group.push(write);
+                    self.drain(&requests, &mut group, &mut close);
+                    // While the syncer flushes, sled's global lock would block our apply
+                    // anyway (and, waiting as a writer, every reader in the process with it):
+                    // wait for the flush on our own gate instead, then take what arrived
+                    // meanwhile into this group. The syncer starts no new flush before we hand
+                    // it the next group.
+                    if close.is_none() {
+                        drop(self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner));
+                        self.drain(&requests, &mut group, &mut close);
+                    }
+                }
+                Ok(Request::Close(reply)) => close = Some(reply),
+                // Every Store handle is gone without a close (cannot happen: the last handle's
+                // drop closes); still finish cleanly.
+                Err(mpsc::RecvError) => {
+                    let _ = self.stop();
+                    return;
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(&mut group);
+            }
+            if let Some(reply) = close {
+                let _ = reply.send(self.stop());
+                return;
+            }
+        }
+    }
+
+    fn start_syncer(&mut self) -> io::Result<()> {
+        let SyncStage::Inline(syncer) = std::mem::replace(&mut self.sync, SyncStage::Stopped) else {
+            return Ok(());
+        };
+        let (sender, receiver) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("storage-sync-{}", self.shared.name))
+            .spawn(move || syncer.run(receiver))?;
+        self.sync = SyncStage::Thread { sender, thread };
+        Ok(())
+    }
+
+    /// Takes the writes queued behind the first one, up to `max_batch_writes`. No timer: writers
+    /// that arrive after this simply join the next group, which the same fsync round may still
+    /// cover (the syncer takes every group applied while it was busy).
+    fn drain(
+        &mut self,
+        requests: &mpsc::Receiver<Request>,
+        group: &mut Vec<PendingWrite>,
+        close: &mut Option<mpsc::SyncSender<Result<(), StorageError>>>,
+    ) {
+        let max = self.options.max_batch_writes.max(1);
+        while group.len() < max {
+            match requests.try_recv() {
+                Ok(Request::Write(write)) => group.push(write),
+                Ok(Request::Close(reply)) => {
+                    *close = Some(reply);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Checks and applies one group, then hands it to the syncer.
+    pub(crate) fn commit_group(&mut self, group: &mut Vec<PendingWrite>) {
+        let size = group.len();
+        if let Some(cause) = self.shared.poisoned.get() {
+            for write in group.drain(..) {
+                let _ = write
+                    .reply
+                    .send(Err(StorageError::Poisoned { path: self.shared.path.clone(), cause: cause.clone() }));
+            }
+            return;
+        }
+
+        let started = Instant::now();
+        if self.versions.len() > VERSION_CACHE_MAX {
+            self.versions.clear(); // only between groups: it also holds this group's versions
+        }
+        self.inbox.clear();
+        self.claims.clear();
+        let first_outbox = self.next_outbox;
+        let mut batch = sled::Batch::default();
+        let mut answers = Vec::with_capacity(size);
+        let mut accepted = 0u64;
+        for write in group.drain(..) {
+            let answer = match self.check(&write.batch) {
+                Ok(()) => {
+                    accepted += 1;
+                    Ok(self.accept(write.batch, &mut batch))
+                }
+                Err(e) => Err(e),
+            };
+            answers.push((write.reply, answer));
+        }
+
+        let added_outbox = self.next_outbox != first_outbox;
+        if accepted > 0 {
+            if let Err(cause) = self.apply(batch, added_outbox) {
+                tracing::error!(store = %self.shared.name, error = %cause, writes = size,
+                    "commit group failed; store poisoned");
+                let _ = self.shared.poisoned.set(cause.clone());
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(self.shared.io_error("commit", &cause)));
+                }
+                return;
+            }
+            self.group_size.record(size as f64);
+        }
+        // Moving average (weight 1/8) of the cost of one write here, for the syncer's gather.
+        let per_write = started.elapsed().as_nanos() as u64 / size as u64;
+        let average = self.shared.write_cost_ns.load(Ordering::Relaxed);
+        self.shared.write_cost_ns.store((average * 7 + per_write) / 8, Ordering::Relaxed);
+        tracing::trace!(store = %self.shared.name, writes = size, accepted, "commit group applied");
+        let group = AppliedGroup {
+            answers,
+            outbox_watermark: added_outbox.then(|| self.next_outbox - 1),
+            accepted,
+            commit_seq: self.persisted_seq.0,
+            applied_at: Instant::now(),
+        };
+        match &mut self.sync {
+            SyncStage::Inline(syncer) => syncer.sync_groups(vec![group]),
+            SyncStage::Thread { sender, .. } => {
+                if let Err(mpsc::SendError(SyncMessage::Group(group))) = sender.send(SyncMessage::Group(group)) {
+                    // The syncer is gone (it panicked): nobody can make this durable.
+                    let _ = self.shared.poisoned.set("syncer thread is gone".to_owned());
+                    for (reply, _) in group.answers {
+                        let _ = reply.send(Err(self.shared.io_error("commit", "syncer thread is gone")));
+                    }
+                }
+            }
+            SyncStage::Stopped => {}
+        }
+    }
+
+    /// Validates one batch against the store and the earlier batches of this group. Does not
+    /// change anything, so a rejected batch leaves no trace.
+    fn check(&self, batch: &Prepared) -> Result<(), StorageError> {
+        for (i, append) in batch.appends.iter().enumerate() {
+            // An entity may appear twice in one batch: the later append builds on the earlier.
+            let current = match batch.appends[..i].iter().rev().find(|a| a.prefix == append.prefix) {
+                Some(earlier) => earlier.new_version,
+                None => match self.versions.get(&append.prefix) {
+                    Some(v) => *v,
+                    None => read_version(&self.shared, &self.db, &append.prefix)?,
+                },
+            };
+            if current != append.expected {
+                return Err(StorageError::Conflict {
+                    entity: append.entity.clone(),
+                    expected: append.expected,
+                    actual: current,
+                });
+            }
+        }
+        for (i, (id, key)) in batch.inbox.iter().enumerate() {
+            let seen = batch.inbox[..i].iter().any(|(_, k)| k == key)
+                || self.inbox.contains(key)
+                || self.db.contains_key(key).map_err(|e| self.shared.sled_error("read inbox", e))?;
+            if seen {
+                return Err(StorageError::Duplicate { id: id.clone() });
+            }
+        }
+        for (i, claim) in batch.idempotency.iter().enumerate() {
+            let existing = match batch.idempotency[..i].iter().find(|c| c.key == claim.key) {
+                Some(earlier) => Some(earlier.record.clone()),
+                None => match self.claims.get(&claim.key) {
+                    Some(record) => Some(record.clone()),
+                    None => read_claim(&self.shared, &self.db, &claim.key, &claim.record.key)?,
+                },
+            };
+            if let Some(existing) = existing {
+                return Err(StorageError::IdempotencyKeyTaken { key: claim.record.key.clone(), existing });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds an accepted batch to the group's sled batch and to the group-local state.
+    fn accept(&mut self, prepared: Prepared, batch: &mut sled::Batch) -> Committed {
+        let mut versions = Vec::with_capacity(prepared.appends.len());
+        for append in prepared.appends {
+            for (key, bytes) in append.events {
+                batch.insert(key, bytes);
+            }
+            self.versions.insert(append.prefix, append.new_version);
+            versions.push((append.entity, append.new_version));
+        }
+        for (key, value) in prepared.snapshots {
+            batch.insert(key, value);
+        }
+        let mut outbox_ids = Vec::with_capacity(prepared.outbox.len());
+        for payload in prepared.outbox {
+            let id = self.next_outbox;
+            self.next_outbox += 1;
+            batch.insert(&keys::outbox_key(id)[..], payload);
+            outbox_ids.push(id);
+        }
+        for (_, key) in prepared.inbox {
+            self.inbox.insert(key.clone());
+            batch.insert(key, &[][..]);
+        }
+        for claim in prepared.idempotency {
+            batch.insert(claim.key.clone(), claim.value);
+            self.claims.insert(claim.key, claim.record);
+        }
+        // Deletes before puts: within one batch a put of the same key wins.
+        for key in prepared.index_delete {
+            batch.remove(key);
+        }
+        for (key, value) in prepared.index_put {
+            batch.insert(key, value);
+        }
+        Committed { outbox_ids, versions }
+    }
+
+    /// Applies the group atomically, with the store's counters. The error is a message: the
+    /// caller poisons the store with it.
+    fn apply(&mut self, mut batch: sled::Batch, added_outbox: bool) -> Result<(), String> {
+        self.commit_seq += 1;
+        if self.persisted_seq.1.elapsed() >= COMMIT_SEQ_EVERY {
+            let seq = codec::encode(&self.commit_seq).map_err(|e| e.to_string())?;
+            batch.insert(keys::META_COMMIT_SEQ, seq);
+            self.persisted_seq = (self.commit_seq, Instant::now());
+        }
+        if added_outbox {
+            // Persist the counter in the same atomic batch, so ids never go backwards after a
+            // restart even when every entry has been acknowledged and deleted.
+            let next = codec::encode(&self.next_outbox).map_err(|e| e.to_string())?;
+            batch.insert(keys::META_OUTBOX_NEXT, next);
+        }
+        self.db.apply_batch(batch).map_err(|e| format!("apply batch: {e}"))
+    }
+
+    /// Makes everything durable, stops the syncer, and records the final commit-group count.
+    fn stop(&mut self) -> Result<(), StorageError> {
+        // The final count goes into the database (flushed by the syncer's final sync) before the
+        // sentinel file records it.
+        if self.persisted_seq.0 != self.commit_seq && self.shared.poisoned.get().is_none() {
+            let written = codec::encode(&self.commit_seq)
+                .map_err(|e| e.to_string())
+                .and_then(|seq| self.db.insert(keys::META_COMMIT_SEQ, seq).map_err(|e| e.to_string()));
+            if let Err(e) = written {
+                return Err(self.shared.io_error("close", e));
+            }
+            self.persisted_seq = (self.commit_seq, Instant::now());
+        }
+        let commit_seq = self.persisted_seq.0;
+        match std::mem::replace(&mut self.sync, SyncStage::Stopped) {
+            SyncStage::Inline(mut syncer) => syncer.final_sync(commit_seq),
+            SyncStage::Thread { sender, thread } => {
+                let (reply, answer) = mpsc::sync_channel(1);
+                let result = match sender.send(SyncMessage::Close { commit_seq, reply }) {
+                    Ok(()) => answer.recv().unwrap_or_else(|_| {
+                        Err(self.shared.io_error("close", "syncer thread ended without answering"))
+                    }),
+                    Err(_) => Err(self.shared.io_error("close", "syncer thread is gone")),
+                };
+                if thread.join().is_err() {
+                    tracing::error!(store = %self.shared.name, "syncer thread panicked");
+                }
+                result
+            }
+            SyncStage::Stopped => Ok(()),
+        }
+    }
+}
+
+/// The syncer: flush + fsync + acknowledgements.
+struct Syncer {
+    db: sled::Db,
+    shared: Arc<Shared>,
+    fsync: bool,
+    /// sled's log file. sled 0.34's flush only calls `sync_file_range`, which neither makes the
+    /// file's metadata durable nor flushes the disk's write cache; this handle gets the real fsync.
+    db_file: fs::File,
+    dir: PathBuf,
+    /// Blob files (values too large for the log, in `<dir>/blobs`) already fsynced. sled writes
+    /// them once and never syncs them.
+    synced_blobs: HashSet<OsString>,
+    /// The commit-group count last written to the sentinel file, and when.
+    checkpointed: (u64, Instant),
+    /// The count covered by the last successful fsync.
+    durable_seq: u64,
+    flush_gate: Arc<Mutex<()>>,
+    /// When the last round's waiters were answered, how many, and the moving average of a
+    /// round's time (see `gather`).
+    acked_at: Instant,
+    last_round: usize,
+    round_avg: Duration,
+    fsync_seconds: metrics::Histogram,
+    commits: metrics::Counter,
+}
+
+impl Syncer {
+    fn new(
+        db: sled::Db,
+        shared: Arc<Shared>,
+        fsync: bool,
+        commit_seq: u64,
+        flush_gate: Arc<Mutex<()>>,
+    ) -> io::Result<Syncer> {
+        let dir = shared.path.clone();
+        let db_file = fs::File::open(dir.join("db"))?;
+        let label = shared.name.clone();
+        Ok(Syncer {
+            fsync_seconds: metrics::histogram!("storage_fsync_seconds", "store" => label.clone()),
+            commits: metrics::counter!("storage_commits_total", "store" => label),
+            db,
+            shared,
+            fsync,
+            db_file,
+            dir,
+            synced_blobs: HashSet::new(),
+            checkpointed: (commit_seq, Instant::now()),
+            durable_seq: commit_seq,
+            flush_gate,
+            acked_at: Instant::now(),
+            last_round: 0,
+            round_avg: Duration::ZERO,
+        })
+    }
+
+    /// At open: makes whatever recovery found durable, with the directory entries of sled's
+    /// files (sled never fsyncs the directory, so a fresh store's files could vanish on power
+    /// loss even after their contents were synced).
+    fn sync_at_open(&mut self) -> io::Result<()> {
+        self.db.flush().map_err(io::Error::from)?;
+        if !self.fsync {
+            return Ok(());
+        }
+        self.db_file.sync_all()?;
+        let conf = self.dir.join("conf");
+        let mut count = 1;
+        if conf.exists() {
+            fs::File::open(conf)?.sync_all()?;
+            count += 1;
+        }
+        count += self.sync_new_blobs()?;
+        fs::File::open(&self.dir)?.sync_all()?;
+        count += 1;
+        self.shared.fsyncs.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The syncer thread's body.
+    fn run(mut self, groups: mpsc::Receiver<SyncMessage>) {
+        loop {
+            let mut round = Vec::new();
+            let mut close = None;
+            match groups.recv() {
+                Ok(SyncMessage::Group(group)) => round.push(group),
+                Ok(SyncMessage::Close { commit_seq, reply }) => close = Some((commit_seq, reply)),
+                Err(mpsc::RecvError) => return, // the committer is gone
+            }
+            // Everything applied by now is in sled's buffers: this round's flush covers it all.
+            if close.is_none() {
+                close = self.gather(&groups, &mut round);
+            }
+            if !round.is_empty() {
+                let started = Instant::now();
+                let writes = round.iter().map(|g| g.answers.len()).sum();
+                self.sync_groups(round);
+                self.acked_at = Instant::now();
+                self.last_round = writes;
+                // Moving average (weight 1/8) of a round's time, for the gather window.
+                self.round_avg = (self.round_avg * 7 + self.acked_at.duration_since(started)) / 8;
+            }
+            if let Some((commit_seq, reply)) = close {
+                let _ = reply.send(self.final_sync(commit_seq));
+                return;
+            }
+        }
+    }
+
+    /// Takes every group already handed over, and waits a little for more when the writers the
+    /// last round acknowledged are about to be back.
+    ///
+    /// Why wait: when a round acknowledges N writers that write again at once, they come back
+    /// one small group at a time. Starting the flush before they are back makes each of them wait
+    /// for a whole extra round, and rounds settle into two alternating half-size cohorts: with a
+    /// slow fsync (3.4 ms) and 16 writers that halves throughput. So while fewer writes applied
+    /// *since the last acknowledgement* are in hand than that round acknowledged, wait, but only
+    /// if the committer can apply the missing ones within a quarter of a round (flush + fsync),
+    /// and never longer than that nor [`MAX_GATHER_WINDOW`]. With many writers (256) the missing
+    /// ones would take longer to apply than that; not waiting then lets their apply overlap this
+    /// round's fsync, which is better. A lone writer never waits (it is back as soon as it is
+    /// acknowledged), and neither does a round after a quiet spell (nothing was acknowledged).
+    fn gather(&mut self, groups: &mpsc::Receiver<SyncMessage>, round: &mut Vec<AppliedGroup>) -> Option<CloseRequest> {
+        let window = (self.round_avg / 4).min(MAX_GATHER_WINDOW);
+        let deadline = Instant::now() + window;
+        let write_cost = Duration::from_nanos(self.shared.write_cost_ns.load(Ordering::Relaxed));
+        let returned = |g: &AppliedGroup| if g.applied_at >= self.acked_at { g.answers.len() } else { 0 };
+        let mut back: usize = round.iter().map(returned).sum();
+        loop {
+            let message = match groups.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    let missing = self.last_round.saturating_sub(back);
+                    if missing == 0
+                        || now >= deadline
+                        || write_cost.saturating_mul(u32::try_from(missing).unwrap_or(u32::MAX)) > window
+                    {
+                        return None;
+                    }
+                    match groups.recv_timeout(deadline - now) {
+                        Ok(message) => message,
+                        Err(_) => return None,
+                    }
+                }
+            };
+            match message {
+                SyncMessage::Group(group) => {
+                    back += returned(&group);
+                    round.push(group);
+                }
+                SyncMessage::Close { commit_seq, reply } => return Some((commit_seq, reply)),
+            }
+        }
+    }
+
+    /// Makes a round of applied groups durable and answers their waiters.
+    fn sync_groups(&mut self, round: Vec<AppliedGroup>) {
+        if let Some(cause) = self.shared.poisoned.get() {
+            for group in round {
+                for (reply, _) in group.answers {
+                    let _ = reply
+                        .send(Err(StorageError::Poisoned { path: self.shared.path.clone(), cause: cause.clone() }));
+                }
+            }
+            return;
+        }
+        let accepted: u64 = round.iter().map(|g| g.accepted).sum();
+        if accepted > 0
+            && let Err(cause) = self.make_durable()
+        {
+            tracing::error!(store = %self.shared.name, error = %cause,
+                    "flush or fsync failed; store poisoned");
+            let _ = self.shared.poisoned.set(cause.clone());
+            for group in round {
+                for (reply, _) in group.answers {
+                    // Never an ack: the round may or may not be on disk.
+                    let _ = reply.send(Err(self.shared.io_error("commit", &cause)));
+                }
+            }
+            return;
+        }
+        let watermark = round.iter().filter_map(|g| g.outbox_watermark).max();
+        if let Some(watermark) = watermark {
+            self.shared.durable_outbox.fetch_max(watermark, Ordering::Release);
+            // Wake current waiters and leave a permit for a relay that is between checks.
+            self.shared.notify.notify_waiters();
+            self.shared.notify.notify_one();
+        }
+        let groups = round.iter().filter(|g| g.accepted > 0).count() as u64;
+        self.shared.groups.fetch_add(groups, Ordering::Relaxed);
+        self.shared.writes.fetch_add(accepted, Ordering::Relaxed);
+        self.commits.increment(accepted);
+        if let Some(seq) = round.iter().map(|g| g.commit_seq).max() {
+            self.durable_seq = self.durable_seq.max(seq);
+        }
+        for group in round {
+            for (reply, answer) in group.answers {
+                // The waiter may have given up (dropped its future); its write stands regardless.
+                let _ = reply.send(answer);
+            }
+        }
+        if self.checkpointed.0 != self.durable_seq && self.checkpointed.1.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
+    }
+
+    /// sled flush (writes sled's buffers to the file), then the real fsync.
+    fn make_durable(&mut self) -> Result<(), String> {
+        {
+            let _gate = self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner);
+            self.db.flush().map_err(|e| format!("flush: {e}"))?;
+        }
+        if !self.fsync {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // fdatasync: the data and the file size, not the mtime (which would cost a journal
+        // commit on every round).
+        self.db_file.sync_data().map_err(|e| format!("fsync {}: {e}", self.dir.join("db").display()))?;
+        let blobs = self.sync_new_blobs().map_err(|e| format!("fsync blobs: {e}"))?;
+        self.shared.fsyncs.fetch_add(1 + blobs, Ordering::Relaxed);
+        self.fsync_seconds.record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// fsyncs blob files written since the last call, and the blobs directory if there were any.
+    /// Returns the number of fsync calls. Blobs are rare (values over ~128 KiB), so this is one
+    /// readdir of an empty directory per round in practice.
+    fn sync_new_blobs(&mut self) -> io::Result<u64> {
+        let blob_dir = self.dir.join("blobs");
+        let entries = match fs::read_dir(&blob_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut count = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match fs::File::open(entry.path()) {
+                    Ok(file) => {
+                        file.sync_all()?;
+                        count += 1;
+                    }
+                    // Removed by sled's GC between readdir and open: nothing to sync.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            present.insert(name);
+        }
+        if count > 0 {
+            fs::File::open(&blob_dir)?.sync_all()?;
+            count += 1;
+        }
+        self.synced_blobs = present;
+        Ok(count)
+    }
+
+    /// Records the durable commit-group count in the sentinel file. A failure only weakens the
+    /// loss detection at the next open, so it is logged, not fatal.
+    fn checkpoint(&mut self) {
+        match crate::store::write_sentinel(&self.dir, self.durable_seq) {
+            Ok(()) => {
+                self.shared.fsyncs.fetch_add(2, Ordering::Relaxed);
+                self.checkpointed = (self.durable_seq, Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(store = %self.shared.name, error = %e, "cannot write store checkpoint");
+                // Retry after another interval, not on every round.
+                self.checkpointed.1 = Instant::now();
+            }
+        }
+    }
+
+    /// At close: make everything durable, including what did not go through a commit group
+    /// (outbox acks, idempotency purges), then record in the sentinel file how many commit
+    /// groups the store holds, so the next open can tell if the engine lost any.
+    fn final_sync(&mut self, commit_seq: u64) -> Result<(), StorageError> {
+        if let Some(e) = self.shared.poisoned_error() {
+            return Err(e);
+        }
+        self.make_durable().map_err(|cause| self.shared.io_error("close", cause))?;
+        self.durable_seq = self.durable_seq.max(commit_seq);
+        crate::store::write_sentinel(&self.dir, self.durable_seq).map_err(|e| self.shared.io_error("close", e))?;
+        self.shared.fsyncs.fetch_add(2, Ordering::Relaxed);
+        self.checkpointed = (self.durable_seq, Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::{Store, WriteBatch};
+    use crate::{Append, StoredEvent};
+
+    type Answer = oneshot::Receiver<Result<Committed, StorageError>>;
+
+    fn pending(batch: WriteBatch) -> (PendingWrite, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let write = PendingWrite { batch: Prepared::new(batch).unwrap(), reply };
+        (write, answer)
+    }
+
+    fn append(entity: &str, expected: u64, events: &[&[u8]]) -> WriteBatch {
+        WriteBatch {
+            appends: vec![Append {
+                entity: entity.to_owned(),
+                expected_version: expected,
+                events: events.iter().map(|e| e.to_vec()).collect(),
+            }],
+            ..WriteBatch::default()
+        }
+    }
+
+    fn claim(key: &str, value: &[u8]) -> IdempotencyRecord {
+        IdempotencyRecord { key: key.to_owned(), value: value.to_vec(), created_at_ms: 1 }
+    }
+
+    fn options() -> StoreOptions {
+        StoreOptions { fsync: false, ..StoreOptions::default() }
+    }
+
+    /// Several batches in ONE group (driven by hand, so the grouping is certain): each is checked
+    /// against the ones before it; only the failing ones are rejected.
+    #[test]
+    fn batches_of_one_group_are_checked_against_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut committer, _requests) = Store::open_manual(dir.path(), options()).unwrap();
+
+        let (a, ra) = pending(append("order-1", 0, &[b"a1"]));
+        let (b, rb) = pending(append("order-1", 0, &[b"b1"])); // same expected version as a
+        let (c, rc) = pending(append("order-1", 1, &[b"c2", b"c3"])); // builds on a
+        let mut with_claims = append("order-2", 0, &[b"d1"]);
+        with_claims.inbox = vec!["m1".to_owned()];
+        with_claims.idempotency = vec![claim("k1", b"first")];
+        let (d, rd) = pending(with_claims);
+        let mut dup_inbox = append("order-3", 0, &[b"e1"]);
+        dup_inbox.inbox = vec!["m1".to_owned()];
+        let (e, re) = pending(dup_inbox);
+        let taken = WriteBatch { idempotency: vec![claim("k1", b"second")], ..WriteBatch::default() };
+        let (f, rf) = pending(taken);
+
+        committer.commit_group(&mut vec![a, b, c, d, e, f]);
+
+        let ok = |mut r: Answer| r.try_recv().unwrap().unwrap();
+        let err = |mut r: Answer| r.try_recv().unwrap().unwrap_err();
+        assert_eq!(ok(ra).versions, vec![("order-1".to_owned(), 1)]);
+        assert!(matches!(err(rb), StorageError::Conflict { expected: 0, actual: 1, .. }));
+        assert_eq!(ok(rc).versions, vec![("order-1".to_owned(), 3)]);
+        assert_eq!(ok(rd).versions, vec![("order-2".to_owned(), 1)]);
+        assert!(matches!(err(re), StorageError::Duplicate { id } if id == "m1"));
+        match err(rf) {
+            StorageError::IdempotencyKeyTaken { key, existing } => {
+                assert_eq!(key, "k1");
+                assert_eq!(existing, claim("k1", b"first"));
+            }
+            other => panic!("expected IdempotencyKeyTaken, got {other:?}"),
+        }
+
+        let events = store.read_events("order-1", 0).unwrap();
+        let bytes: Vec<&[u8]> = events.iter().map(|e| e.bytes.as_slice()).collect();
+        assert_eq!(bytes, vec![&b"a1"[..], b"c2", b"c3"]);
+        // The rejected batches left nothing behind, not even their other writes.
+        assert_eq!(store.version("order-3").unwrap(), 0);
+        assert_eq!(store.read_events("order-3", 0).unwrap(), Vec::<StoredEvent>::new());
+        assert_eq!(store.idempotency_get("k1").unwrap(), Some(claim("k1", b"first")));
+        let stats = store.stats();
+        assert_eq!((stats.groups, stats.writes), (1, 3));
+    }
+
+    /// Between a group's apply and its fsync, its outbox entries are in sled but must not be
+    /// handed to a relay: a crash could still lose them after a consumer acted on them.
+    #[test]
+    fn applied_but_not_yet_durable_outbox_entries_are_not_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut committer, _requests) = Store::open_manual(dir.path(), options()).unwrap();
+        let batch = WriteBatch { outbox: vec![b"durable".to_vec()], ..WriteBatch::default() };
+        let (w, mut rw) = pending(batch);
+        committer.commit_group(&mut vec![w]);
+        assert_eq!(rw.try_recv().unwrap().unwrap().outbox_ids, vec![1]);
+
+        // What the committer has done for the next group just before its fsync: applied only.
+        let mut applied = sled::Batch::default();
+        applied.insert(&keys::outbox_key(2)[..], &b"not yet durable"[..]);
+        committer.db.apply_batch(applied).unwrap();
+
+        let pending = store.outbox_pending(None, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].id, 1);
+        assert_eq!(pending[0].bytes, b"durable");
+    }
+
+    /// After a failed flush/fsync the store refuses everything: it cannot know what is on disk.
+    #[test]
+    fn a_poisoned_store_refuses_writes_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut committer, _requests) = Store::open_manual(dir.path(), options()).unwrap();
+        committer.shared.poisoned.set("fsync: injected".to_owned()).unwrap();
+        let (w, mut rw) = pending(append("order-1", 0, &[b"x"]));
+        committer.commit_group(&mut vec![w]);
+        assert!(matches!(rw.try_recv().unwrap(), Err(StorageError::Poisoned { .. })));
+        let err = store.version("order-1").unwrap_err();
+        assert!(matches!(err, StorageError::Poisoned { .. }));
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+}

@@ -1,0 +1,896 @@
+//! The public [`Store`]: opening, the write path's front half (validation and encoding of a
+//! [`WriteBatch`] on the caller's thread) and every read.
+//!
+//! Writes go through the committer thread ([`crate::committer`]); reads go straight to sled, which
+//! is safe to read from many threads. A read may observe a commit group between the moment it is
+//! applied and the moment its fsync returns (a few milliseconds): sled has no snapshot isolation
+//! to hide it. Nothing is acknowledged to a writer, and no outbox entry is handed out, before it is
+//! durable; and if that fsync fails the store refuses every later call ([`StorageError::Poisoned`]).
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, mpsc};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use crate::codec;
+use crate::committer::{self, Committer, PendingWrite, Request};
+use crate::error::StorageError;
+use crate::keys;
+
+/// Name of the file that marks a directory as an initialised store (see [`Store::open`]).
+const SENTINEL: &str = "ORDERMESH_STORE";
+
+/// An index entry: (key, value).
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Tuning of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most [`WriteBatch`]es put into one commit group (one apply, one flush, one fsync).
+    pub max_batch_writes: usize,
+    /// fsync the store's files after each group. Only tests that want speed turn this off; with
+    /// it off a commit survives `kill -9` (sled's flush wrote it to the kernel) but not power loss.
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { max_batch_writes: 4096, fsync: true }
+    }
+}
+
+/// Everything one caller wants committed atomically: all of it becomes durable, or none of it.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// Events to append, each list with an expected-version check.
+    pub appends: Vec<Append>,
+    /// Snapshots replacing the entity's previous one.
+    pub snapshots: Vec<Snapshot>,
+    /// New outbox payloads; the store gives each a monotonically increasing id.
+    pub outbox: Vec<Vec<u8>>,
+    /// Message ids to mark processed. If one is already marked, the whole batch fails with
+    /// [`StorageError::Duplicate`].
+    pub inbox: Vec<String>,
+    /// Idempotency claims (insert if absent). If a key is taken, the whole batch fails with
+    /// [`StorageError::IdempotencyKeyTaken`], carrying the existing record.
+    pub idempotency: Vec<IdempotencyRecord>,
+    /// Secondary index entries to put (key, value).
+    pub index_put: Vec<KeyValue>,
+    /// Secondary index keys to delete.
+    pub index_delete: Vec<Vec<u8>>,
+}
+
+impl WriteBatch {
+    /// True if the batch would write nothing.
+    pub fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.snapshots.is_empty()
+            && self.outbox.is_empty()
+            && self.inbox.is_empty()
+            && self.idempotency.is_empty()
+            && self.index_put.is_empty()
+            && self.index_delete.is_empty()
+    }
+}
+
+/// Events to append to one entity. They get seqs `expected_version + 1 ..`; if the entity's
+/// version is not `expected_version` the whole batch fails with [`StorageError::Conflict`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    /// The entity (non-empty, no 0x00 byte).
+    pub entity: String,
+    /// The version the caller last saw (0 for a new entity).
+    pub expected_version: u64,
+    /// The events, already encoded by the caller.
+    pub events: Vec<Vec<u8>>,
+}
+
+/// One event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its position in the entity's log, from 1.
+    pub seq: u64,
+    /// The caller's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The latest snapshot of an entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The entity.
+    pub entity: String,
+    /// The seq of the last event folded into it.
+    pub seq: u64,
+    /// The caller's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// An outbox entry waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Store-assigned, increasing, never reused (even across restarts).
+    pub id: u64,
+    /// The caller's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A claimed idempotency key and the result to replay to a retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The key (non-empty).
+    pub key: String,
+    /// The caller's bytes (typically the response).
+    pub value: Vec<u8>,
+    /// When it was claimed (ms since the epoch), for [`Store::purge_idempotency`].
+    pub created_at_ms: u64,
+}
+
+/// What a durable commit produced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Committed {
+    /// Ids given to the batch's outbox payloads, in order.
+    pub outbox_ids: Vec<u64>,
+    /// The new version of each appended entity, in the order of `appends`.
+    pub versions: Vec<(String, u64)>,
+}
+
+/// Counters of the write path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// fsync calls made so far (files and directories, including those at open).
+    pub fsyncs: u64,
+    /// Commit groups made durable.
+    pub groups: u64,
+    /// WriteBatches committed (acknowledged as durable).
+    pub writes: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values we encode ourselves (with the versioned codec). Events, outbox payloads and index values
+// are the callers' bytes and stored as they are.
+
+/// Value of `s\0<entity>`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SnapshotValue {
+    pub(crate) seq: u64,
+    #[serde(with = "bytes_field")]
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Value of `k\0<key>`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct IdempotencyValue {
+    #[serde(with = "bytes_field")]
+    pub(crate) value: Vec<u8>,
+    pub(crate) created_at_ms: u64,
+}
+
+/// Serialises `Vec<u8>` with serde's bytes methods: same bincode layout as the default
+/// (length, then the bytes) but one memcpy instead of a call per byte.
+mod bytes_field {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A WriteBatch turned into keys and encoded values, on the caller's thread, so the committer
+// thread (the bottleneck) only checks versions and claims and fills the sled batch.
+
+pub(crate) struct PreparedAppend {
+    pub(crate) entity: String,
+    pub(crate) expected: u64,
+    pub(crate) new_version: u64,
+    /// `e\0<entity>\0`: the prefix of the entity's event keys, and its key in the committer's
+    /// version cache.
+    pub(crate) prefix: Vec<u8>,
+    /// (event key, event bytes).
+    pub(crate) events: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+pub(crate) struct PreparedClaim {
+    pub(crate) record: IdempotencyRecord,
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
+}
+
+pub(crate) struct Prepared {
+    pub(crate) appends: Vec<PreparedAppend>,
+    /// (key, encoded SnapshotValue).
+    pub(crate) snapshots: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) outbox: Vec<Vec<u8>>,
+    /// (message id, key).
+    pub(crate) inbox: Vec<(String, Vec<u8>)>,
+    pub(crate) idempotency: Vec<PreparedClaim>,
+    pub(crate) index_put: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) index_delete: Vec<Vec<u8>>,
+}
+
+fn encode_internal<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StorageError> {
+    // Our own record types cannot fail to encode; if bincode ever says otherwise, it is an error
+    // of this write, not a panic.
+    codec::encode(value).map_err(|e| StorageError::InvalidKey { reason: format!("cannot encode {what}: {e}") })
+}
+
+impl Prepared {
+    pub(crate) fn new(batch: WriteBatch) -> Result<Prepared, StorageError> {
+        let mut appends = Vec::with_capacity(batch.appends.len());
+        for append in batch.appends {
+            keys::check_entity(&append.entity)?;
+            let count = append.events.len() as u64;
+            let new_version = append.expected_version.checked_add(count).ok_or_else(|| StorageError::InvalidKey {
+                reason: format!("version of {} would overflow", append.entity),
+            })?;
+            let prefix = keys::event_prefix(&append.entity);
+            let events = append
+                .events
+                .into_iter()
+                .zip(append.expected_version + 1..)
+                .map(|(bytes, seq)| (keys::event_key(&prefix, seq), bytes))
+                .collect();
+            appends.push(PreparedAppend {
+                prefix,
+                entity: append.entity,
+                expected: append.expected_version,
+                new_version,
+                events,
+            });
+        }
+        let mut snapshots = Vec::with_capacity(batch.snapshots.len());
+        for snap in batch.snapshots {
+            keys::check_entity(&snap.entity)?;
+            let value = encode_internal(&SnapshotValue { seq: snap.seq, bytes: snap.bytes }, "snapshot")?;
+            snapshots.push((keys::tagged(keys::SNAPSHOT, snap.entity.as_bytes()), value));
+        }
+        let mut inbox = Vec::with_capacity(batch.inbox.len());
+        for id in batch.inbox {
+            keys::check_name("inbox message id", &id)?;
+            let key = keys::tagged(keys::INBOX, id.as_bytes());
+            inbox.push((id, key));
+        }
+        let mut idempotency = Vec::with_capacity(batch.idempotency.len());
+        for record in batch.idempotency {
+            keys::check_name("idempotency key", &record.key)?;
+            let value = encode_internal(
+                &IdempotencyValue { value: record.value.clone(), created_at_ms: record.created_at_ms },
+                "idempotency record",
+            )?;
+            idempotency.push(PreparedClaim {
+                key: keys::tagged(keys::IDEMPOTENCY, record.key.as_bytes()),
+                record,
+                value,
+            });
+        }
+        let index_put = batch.index_put.into_iter().map(|(k, v)| (keys::tagged(keys::INDEX, &k), v)).collect();
+        let index_delete = batch.index_delete.into_iter().map(|k| keys::tagged(keys::INDEX, &k)).collect();
+        Ok(Prepared { appends, snapshots, outbox: batch.outbox, inbox, idempotency, index_put, index_delete })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// State shared by every clone of a [`Store`] and by its committer thread.
+pub(crate) struct Shared {
+    pub(crate) path: PathBuf,
+    /// The directory's file name: the `store` label of metrics and logs.
+    pub(crate) name: String,
+    /// `None` once closed, so that closing really releases sled's files (and its lock on them).
+    db: RwLock<Option<sled::Db>>,
+    /// Highest outbox id that is durable. Entries above it may be applied but not yet fsynced and
+    /// must not be delivered: a crash could still lose them after a consumer saw them.
+    pub(crate) durable_outbox: AtomicU64,
+    pub(crate) notify: Arc<Notify>,
+    pub(crate) fsyncs: AtomicU64,
+    pub(crate) groups: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    closed: AtomicBool,
+    /// Set forever by the first failed flush/fsync.
+    pub(crate) poisoned: OnceLock<String>,
+    /// Moving average of the committer's time per write (ns), read by the syncer.
+    pub(crate) write_cost_ns: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn poisoned_error(&self) -> Option<StorageError> {
+        self.poisoned.get().map(|cause| StorageError::Poisoned { path: self.path.clone(), cause: cause.clone() })
+    }
+
+    pub(crate) fn io_error(&self, op: &'static str, e: impl fmt::Display) -> StorageError {
+        StorageError::Io { path: self.path.clone(), op, message: e.to_string() }
+    }
+
+    /// Maps a sled error: its checksum failures become [`StorageError::Corrupt`].
+    pub(crate) fn sled_error(&self, op: &'static str, e: sled::Error) -> StorageError {
+        match e {
+            sled::Error::Corruption { at, .. } => StorageError::Corrupt {
+                path: self.path.clone(),
+                key: format!("(engine page {at:?})"),
+                detail: format!("sled detected corruption during {op}"),
+                source: None,
+            },
+            other => self.io_error(op, other),
+        }
+    }
+
+    pub(crate) fn corrupt(
+        &self,
+        key: &[u8],
+        detail: impl Into<String>,
+        source: Option<codec::CodecError>,
+    ) -> StorageError {
+        StorageError::Corrupt { path: self.path.clone(), key: keys::describe(key), detail: detail.into(), source }
+    }
+
+    /// Decodes a value we encoded ourselves; failure names the key.
+    pub(crate) fn decode<T: serde::de::DeserializeOwned>(&self, key: &[u8], value: &[u8]) -> Result<T, StorageError> {
+        codec::decode(value).map_err(|e| self.corrupt(key, "cannot decode value", Some(e)))
+    }
+
+    /// Runs a read against the open database.
+    fn read<R>(&self, f: impl FnOnce(&sled::Db) -> Result<R, StorageError>) -> Result<R, StorageError> {
+        if let Some(e) = self.poisoned_error() {
+            return Err(e);
+        }
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(StorageError::Closed),
+        }
+    }
+}
+
+/// The handle all clones share; dropping the last one closes the store.
+struct Handle {
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<Request>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(store = %self.shared.name, error = %e, "closing store on drop failed");
+        }
+    }
+}
+
+impl Handle {
+    fn close(&self) -> Result<(), StorageError> {
+        let mut committer = self.committer.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(thread) = committer.take() else {
+            return Ok(()); // already closed
+        };
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let (tx, rx) = mpsc::sync_channel(1);
+        // The committer answers every write queued before this message, then flushes, fsyncs and
+        // exits; writes queued after it find the channel closed and get `Closed`.
+        let result = match self.sender.send(Request::Close(tx)) {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(self.shared.io_error("close", "committer thread ended without answering"))),
+            Err(_) => Err(self.shared.io_error("close", "committer thread is gone")),
+        };
+        if thread.join().is_err() {
+            tracing::error!(store = %self.shared.name, "committer thread panicked");
+        }
+        // Drop our sled handle so its files and lock are released now, not when the last clone of
+        // the Store goes away.
+        let db = self.shared.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        drop(db);
+        tracing::info!(store = %self.shared.name, path = %self.shared.path.display(), "store closed");
+        result
+    }
+}
+
+/// A durable store of one service: event log, snapshots, outbox, inbox, idempotency keys and a
+/// secondary index, in one sled database in its own directory. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Handle>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.inner.shared.path).field("stats", &self.stats()).finish()
+    }
+}
+
+fn open_error(path: &Path, source: io::Error) -> StorageError {
+    StorageError::Open { path: path.to_path_buf(), source }
+}
+
+fn open_error_msg(path: &Path, kind: io::ErrorKind, msg: impl Into<String>) -> StorageError {
+    open_error(path, io::Error::new(kind, msg.into()))
+}
+
+fn sled_open_error(path: &Path, e: sled::Error) -> StorageError {
+    open_error(path, io::Error::from(e))
+}
+
+impl Store {
+    /// Opens (creating if absent) the store in `dir`.
+    ///
+    /// A corrupt or unreadable store is an [`StorageError::Open`] naming the path; it never
+    /// silently starts empty or shorter: a directory that holds an initialised store (it has the
+    /// sentinel file) but whose database lost its layout marker, or recovered fewer commit groups
+    /// than were durable at the last clean close, is refused.
+    pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store, StorageError> {
+        let (shared, committer, receiver, sender) = open_parts(dir.as_ref(), options)?;
+        let path = shared.path.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("storage-commit-{}", shared.name))
+            .spawn(move || committer.run(receiver))
+            .map_err(|e| open_error(&path, e))?;
+        Ok(Store { inner: Arc::new(Handle { shared, sender, committer: Mutex::new(Some(thread)) }) })
+    }
+
+    /// For unit tests: a store whose committer is not started but handed to the test, which
+    /// drives groups by hand. Closing it does nothing.
+    #[cfg(test)]
+    pub(crate) fn open_manual(
+        dir: &Path,
+        options: StoreOptions,
+    ) -> Result<(Store, Committer, mpsc::Receiver<Request>), StorageError> {
+        let (shared, committer, receiver, sender) = open_parts(dir, options)?;
+        let store = Store { inner: Arc::new(Handle { shared, sender, committer: Mutex::new(None) }) };
+        Ok((store, committer, receiver))
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.shared.path
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// Group-committed durable write. Returns only after the batch is applied and on stable
+    /// storage (sled flush plus an fsync of the store's files). Atomic: all of the batch or
+    /// nothing.
+    ///
+    /// Dropping the returned future does not cancel the write: it may still commit.
+    pub async fn commit(&self, batch: WriteBatch) -> Result<Committed, StorageError> {
+        let shared = self.shared();
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        if let Some(e) = shared.poisoned_error() {
+            return Err(e);
+        }
+        let prepared = Prepared::new(batch)?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .sender
+            .send(Request::Write(PendingWrite { batch: prepared, reply }))
+            .map_err(|_| StorageError::Closed)?;
+        // A dropped reply means the committer exited (closed) without taking this write.
+        answer.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Events of `entity` with seq > `after_seq`, in seq order, as raw bytes.
+    pub fn read_events(&self, entity: &str, after_seq: u64) -> Result<Vec<StoredEvent>, StorageError> {
+        keys::check_entity(entity)?;
+        let shared = self.shared();
+        let prefix = keys::event_prefix(entity);
+        let start = keys::event_key(&prefix, after_seq.saturating_add(1));
+        let end = keys::prefix_end(&prefix)
+            .ok_or_else(|| StorageError::InvalidKey { reason: "entity name has no upper bound".to_owned() })?;
+        shared.read(|db| {
+            let mut out = Vec::new();
+            for (expected, item) in (after_seq.saturating_add(1)..).zip(db.range(start..end)) {
+                let (key, value) = item.map_err(|e| shared.sled_error("read events", e))?;
+                let seq =
+                    keys::event_seq(&prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
+                // Seqs are assigned contiguously and events are never deleted: a gap means the
+                // engine lost a record, which must not pass as a shorter history.
+                if seq != expected {
+                    return Err(shared.corrupt(
+                        &key,
+                        format!("event sequence gap: expected seq {expected}, found {seq}"),
+                        None,
+                    ));
+                }
+                out.push(StoredEvent { seq, bytes: value.to_vec() });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The entity's latest snapshot, if any.
+    pub fn load_snapshot(&self, entity: &str) -> Result<Option<Snapshot>, StorageError> {
+        keys::check_entity(entity)?;
+        let shared = self.shared();
+        let key = keys::tagged(keys::SNAPSHOT, entity.as_bytes());
+        shared.read(|db| {
+            let Some(value) = db.get(&key).map_err(|e| shared.sled_error("load snapshot", e))? else {
+                return Ok(None);
+            };
+            let snap: SnapshotValue = shared.decode(&key, &value)?;
+            Ok(Some(Snapshot { entity: entity.to_owned(), seq: snap.seq, bytes: snap.bytes }))
+        })
+    }
+
+    /// Current version of `entity` (seq of its last event; 0 if none).
+    pub fn version(&self, entity: &str) -> Result<u64, StorageError> {
+        keys::check_entity(entity)?;
+        let shared = self.shared();
+        let prefix = keys::event_prefix(entity);
+        shared.read(|db| committer::read_version(shared, db, &prefix))
+    }
+
+    /// Outbox entries with id > `after` (`None`: from the start), at most `limit`, in id order;
+    /// only entries already durable.
+    pub fn outbox_pending(&self, after: Option<u64>, limit: usize) -> Result<Vec<OutboxEntry>, StorageError> {
+        let shared = self.shared();
+        let durable = shared.durable_outbox.load(Ordering::Acquire);
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        if limit == 0 || start > durable {
+            return Ok(Vec::new());
+        }
+        let range = keys::outbox_key(start)..=keys::outbox_key(durable);
+        shared.read(|db| {
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for item in db.range(range).take(limit) {
+                let (key, value) = item.map_err(|e| shared.sled_error("read outbox", e))?;
+                let id = keys::outbox_id(&key).ok_or_else(|| shared.corrupt(&key, "malformed outbox key", None))?;
+                out.push(OutboxEntry { id, bytes: value.to_vec() });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Removes delivered outbox entries. Not fsynced by itself (the next commit group's fsync, or
+    /// close, carries it): a lost delete only causes a redelivery, which consumers dedup.
+    pub fn outbox_ack(&self, ids: &[u64]) -> Result<(), StorageError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared();
+        shared.read(|db| {
+            let mut batch = sled::Batch::default();
+            for id in ids {
+                batch.remove(&keys::outbox_key(*id));
+            }
+            db.apply_batch(batch).map_err(|e| shared.sled_error("ack outbox", e))
+        })
+    }
+
+    /// The outbox's wake-up: notified after each durable commit that added outbox entries. It
+    /// keeps a permit when nobody is waiting, so a relay that checks `outbox_pending` and then
+    /// waits misses nothing.
+    pub fn outbox_notify(&self) -> Arc<Notify> {
+        self.shared().notify.clone()
+    }
+
+    /// True if `message_id` was marked processed.
+    pub fn inbox_contains(&self, message_id: &str) -> Result<bool, StorageError> {
+        let shared = self.shared();
+        let key = keys::tagged(keys::INBOX, message_id.as_bytes());
+        shared.read(|db| db.contains_key(&key).map_err(|e| shared.sled_error("read inbox", e)))
+    }
+
+    /// The record of a claimed idempotency key.
+    pub fn idempotency_get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StorageError> {
+        let shared = self.shared();
+        let tree_key = keys::tagged(keys::IDEMPOTENCY, key.as_bytes());
+        shared.read(|db| committer::read_claim(shared, db, &tree_key, key))
+    }
+
+    /// Deletes idempotency records created before `cutoff_ms`; returns how many. Not fsynced by
+    /// itself (a lost delete only keeps a record longer).
+    pub fn purge_idempotency(&self, cutoff_ms: u64) -> Result<usize, StorageError> {
+        let shared = self.shared();
+        let prefix = keys::tagged(keys::IDEMPOTENCY, b"");
+        shared.read(|db| {
+            let mut purged = 0;
+            for item in db.scan_prefix(&prefix) {
+                let (key, value) = item.map_err(|e| shared.sled_error("scan idempotency", e))?;
+                let record: IdempotencyValue = shared.decode(&key, &value)?;
+                if record.created_at_ms >= cutoff_ms {
+                    continue;
+                }
+                // Compare-and-swap: only delete the exact record we judged old, never one that a
+                // concurrent commit claimed anew after another purge removed the old one.
+                match db.compare_and_swap(&key, Some(&value), None as Option<&[u8]>) {
+                    Ok(Ok(())) => purged += 1,
+                    Ok(Err(_)) => {} // changed under us: not ours to delete
+                    Err(e) => return Err(shared.sled_error("purge idempotency", e)),
+                }
+            }
+            Ok(purged)
+        })
+    }
+
+    /// Index entries whose key starts with `prefix`, strictly after `start_after` (a full key) if
+    /// given, ascending, at most `limit`.
+    pub fn index_scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let shared = self.shared();
+        let full_prefix = keys::tagged(keys::INDEX, prefix);
+        let start = match start_after {
+            Some(after) => {
+                let after = keys::tagged(keys::INDEX, after);
+                if after >= full_prefix { Bound::Excluded(after) } else { Bound::Included(full_prefix.clone()) }
+            }
+            None => Bound::Included(full_prefix.clone()),
+        };
+        // `x` is not 0xFF, so the keyspace prefix always has an end.
+        let end = keys::prefix_end(&full_prefix).map_or(Bound::Unbounded, Bound::Excluded);
+        if let (Bound::Excluded(s) | Bound::Included(s), Bound::Excluded(e)) = (&start, &end)
+            && s >= e
+        {
+            return Ok(Vec::new());
+        }
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        shared.read(|db| {
+            let mut out = Vec::new();
+            for item in db.range::<Vec<u8>, _>((start, end)).take(limit) {
+                let (key, value) = item.map_err(|e| shared.sled_error("scan index", e))?;
+                out.push((key[2..].to_vec(), value.to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// One index entry.
+    pub fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let shared = self.shared();
+        let tree_key = keys::tagged(keys::INDEX, key);
+        shared
+            .read(|db| db.get(&tree_key).map(|v| v.map(|v| v.to_vec())).map_err(|e| shared.sled_error("read index", e)))
+    }
+
+    /// Counters of the write path.
+    pub fn stats(&self) -> StoreStats {
+        let shared = self.shared();
+        StoreStats {
+            fsyncs: shared.fsyncs.load(Ordering::Relaxed),
+            groups: shared.groups.load(Ordering::Relaxed),
+            writes: shared.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until queued commits are done, flushes and fsyncs, stops the committer thread and
+    /// releases the database files. Idempotent; also done when the last clone is dropped. Blocks
+    /// the calling thread for about one fsync.
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.inner.close()
+    }
+}
+
+/// Name of the store directory's metric and log label.
+fn store_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+type Parts = (Arc<Shared>, Committer, mpsc::Receiver<Request>, mpsc::Sender<Request>);
+
+/// Opens sled, checks the store's integrity markers, restores counters and makes the recovered
+/// state durable; everything of `Store::open` but starting the committer thread.
+fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError> {
+    let path = path.to_path_buf();
+    fs::create_dir_all(&path).map_err(|e| open_error(&path, e))?;
+    let name = store_name(&path);
+    let sentinel = read_sentinel(&path)?;
+
+    let config = sled::Config::new()
+        .path(&path)
+        .mode(sled::Mode::HighThroughput)
+        // We flush (and fsync) after every commit group ourselves; sled's background flusher
+        // would only add fsyncs we do not need and contend with the committer.
+        .flush_every_ms(None);
+    // sled 0.34 has unwraps in its recovery path; a corrupt file must be an error naming the
+    // store, not a crashed node.
+    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+        .map_err(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            open_error_msg(
+                &path,
+                io::ErrorKind::InvalidData,
+                format!("storage engine panicked while recovering: {msg}"),
+            )
+        })?
+        .map_err(|e| sled_open_error(&path, e))?;
+
+    // The layout marker is the first thing a new store writes and is never deleted, so an
+    // initialised store without it has lost data (or is not ours).
+    match db.get(keys::META_LAYOUT) {
+        Ok(Some(v)) => {
+            let layout: u32 = decode_meta(&path, keys::META_LAYOUT, &v)?;
+            if layout != keys::LAYOUT_VERSION {
+                return Err(open_error_msg(
+                    &path,
+                    io::ErrorKind::InvalidData,
+                    format!("store key layout version {layout}, this build reads {}", keys::LAYOUT_VERSION),
+                ));
+            }
+        }
+        Ok(None) if sentinel.is_some() => {
+            return Err(open_error_msg(
+                &path,
+                io::ErrorKind::InvalidData,
+                "store was initialised but its layout marker is gone: data lost or damaged",
+            ));
+        }
+        Ok(None) => {
+            let marker = codec::encode(&keys::LAYOUT_VERSION)
+                .map_err(|e| open_error_msg(&path, io::ErrorKind::InvalidData, e.to_string()))?;
+            db.insert(keys::META_LAYOUT, marker).map_err(|e| sled_open_error(&path, e))?;
+        }
+        Err(e) => return Err(sled_open_error(&path, e)),
+    }
+
+    // sled treats a corrupt record like a torn tail and silently recovers the log up to it. The
+    // commit-group count recorded durably at the last clean close (or checkpoint, once a second
+    // while writing) catches that case.
+    let commit_seq: u64 = match db.get(keys::META_COMMIT_SEQ) {
+        Ok(Some(v)) => decode_meta(&path, keys::META_COMMIT_SEQ, &v)?,
+        Ok(None) => 0,
+        Err(e) => return Err(sled_open_error(&path, e)),
+    };
+    if let Some(durable) = sentinel
+        && commit_seq < durable
+    {
+        return Err(open_error_msg(
+            &path,
+            io::ErrorKind::InvalidData,
+            format!(
+                "store recovered {commit_seq} commit groups but {durable} were known durable: \
+                 data lost or damaged"
+            ),
+        ));
+    }
+
+    let next_outbox = restore_outbox_counter(&db, &path)?;
+
+    let shared = Arc::new(Shared {
+        name,
+        path: path.clone(),
+        db: RwLock::new(Some(db.clone())),
+        durable_outbox: AtomicU64::new(next_outbox - 1),
+        notify: Arc::new(Notify::new()),
+        fsyncs: AtomicU64::new(0),
+        groups: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
+        poisoned: OnceLock::new(),
+        write_cost_ns: AtomicU64::new(0),
+    });
+
+    // Make what recovery found (and the marker) durable before anything is built on it, with
+    // the directory entries of sled's files: sled never fsyncs the directory.
+    let mut committer =
+        Committer::new(db, shared.clone(), options, next_outbox, commit_seq).map_err(|e| open_error(&path, e))?;
+    committer.sync_at_open().map_err(|e| open_error(&path, e))?;
+    if sentinel.is_none() {
+        write_sentinel(&path, commit_seq).map_err(|e| open_error(&path, e))?;
+        shared.fsyncs.fetch_add(2, Ordering::Relaxed);
+    }
+
+    let (sender, receiver) = mpsc::channel();
+    tracing::info!(store = %shared.name, path = %path.display(), next_outbox, commit_seq, "store opened");
+    Ok((shared, committer, receiver, sender))
+}
+
+fn decode_meta<T: serde::de::DeserializeOwned>(path: &Path, key: &[u8], value: &[u8]) -> Result<T, StorageError> {
+    codec::decode(value).map_err(|e| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        key: keys::describe(key),
+        detail: "cannot decode store metadata".to_owned(),
+        source: Some(e),
+    })
+}
+
+/// The next outbox id: past the persisted counter and past the last entry present. (The counter
+/// is written in the same atomic batch as the entries, so it alone should do; the last key costs
+/// one lookup and guards against reusing an id, which would make consumers drop a message.)
+fn restore_outbox_counter(db: &sled::Db, path: &Path) -> Result<u64, StorageError> {
+    let counter: u64 = match db.get(keys::META_OUTBOX_NEXT) {
+        Ok(Some(v)) => decode_meta(path, keys::META_OUTBOX_NEXT, &v)?,
+        Ok(None) => 1,
+        Err(e) => return Err(sled_open_error(path, e)),
+    };
+    let range = keys::outbox_key(0)..=keys::outbox_key(u64::MAX);
+    let last = match db.range(range).next_back() {
+        Some(Ok((key, _))) => keys::outbox_id(&key).ok_or_else(|| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            key: keys::describe(&key),
+            detail: "malformed outbox key".to_owned(),
+            source: None,
+        })?,
+        Some(Err(e)) => return Err(sled_open_error(path, e)),
+        None => 0,
+    };
+    Ok(counter.max(last.saturating_add(1)).max(1))
+}
+
+const SENTINEL_HEADER: &str = "ordermesh store";
+
+/// Reads the sentinel file: `None` if the directory holds no initialised store, else the commit
+/// group count last recorded as durable (at a clean close, or by the committer's checkpoint).
+fn read_sentinel(path: &Path) -> Result<Option<u64>, StorageError> {
+    let text = match fs::read_to_string(path.join(SENTINEL)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(open_error(path, e)),
+    };
+    let mut lines = text.lines();
+    let mut seq = None;
+    if lines.next() == Some(SENTINEL_HEADER) {
+        for line in lines {
+            if let Some(v) = line.strip_prefix("durable_commit_seq ") {
+                seq = v.trim().parse::<u64>().ok();
+            }
+        }
+    }
+    match seq {
+        Some(seq) => Ok(Some(seq)),
+        None => Err(open_error_msg(path, io::ErrorKind::InvalidData, format!("unreadable {SENTINEL} file"))),
+    }
+}
+
+/// Writes the sentinel file atomically and durably (temp file, fsync, rename, fsync dir).
+pub(crate) fn write_sentinel(path: &Path, durable_commit_seq: u64) -> io::Result<()> {
+    let tmp = path.join(format!("{SENTINEL}.tmp"));
+    let file = fs::File::create(&tmp)?;
+    io::Write::write_all(
+        &mut &file,
+        format!("{SENTINEL_HEADER}\nlayout {}\ndurable_commit_seq {durable_commit_seq}\n", keys::LAYOUT_VERSION)
+            .as_bytes(),
+    )?;
+    file.sync_all()?;
+    fs::rename(&tmp, path.join(SENTINEL))?;
+    fs::File::open(path)?.sync_all()
+}
