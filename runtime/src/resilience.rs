@@ -74,6 +74,8 @@ pub struct Admitted {
 
 impl CircuitBreaker {
     pub fn new(name: &'static str, failure_threshold: u32, cooldown: Duration) -> Self {
+        // Export the state from the start, not only after the first change.
+        metrics::gauge!("circuit_breaker_state", "breaker" => name).set(BreakerState::Closed.as_gauge());
         Self {
             name,
             failure_threshold: failure_threshold.max(1),
