@@ -110,7 +110,7 @@ fn print_banner(addr: std::net::SocketAddr, data_dir: &Path, customer: &str, adm
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;

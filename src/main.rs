@@ -1,8 +1,10 @@
 //! `ordermesh`: one binary for every role. This file only defines the command line and
 //! dispatches; each command lives in its own module.
 
+mod bench;
 mod dev;
 mod healthcheck;
+mod node;
 mod wiring;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +32,10 @@ enum Command {
     Token(TokenArgs),
     /// Exit 0 if the gateway's /readyz answers 200 (for container health checks).
     Healthcheck(HealthcheckFlags),
+    /// One cluster node: some services, optionally the gateway, joined to its peers.
+    Node(node::NodeArgs),
+    /// HTTP load generator: places orders against a running gateway and reports latencies.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags that override settings; only those given override the lower layers.
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
             wiring::print_token(cli.config.as_deref(), args.data_dir, &args.sub, args.role, args.ttl)
         }
         Command::Healthcheck(flags) => healthcheck::run(cli.config.as_deref(), flags),
+        Command::Node(args) => node::run(cli.config.as_deref(), args),
+        Command::Bench(args) => bench::run(cli.config.as_deref(), args),
     };
     match result {
         Ok(code) => code,

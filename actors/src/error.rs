@@ -33,7 +33,9 @@ impl ServiceError {
 impl From<CallError> for ServiceError {
     fn from(err: CallError) -> Self {
         let service = match err {
-            CallError::Timeout { service, .. } | CallError::Unavailable { service } => service,
+            CallError::Timeout { service, .. }
+            | CallError::Unavailable { service }
+            | CallError::Overloaded { service } => service,
         };
         Self::Unavailable { service, detail: err.to_string() }
     }

@@ -13,6 +13,9 @@ pub enum CallError {
     Timeout { service: &'static str, timeout: Duration },
     #[error("{service} is unavailable")]
     Unavailable { service: &'static str },
+    /// Too many requests in flight to the node or router that owns the entity.
+    #[error("{service} is overloaded")]
+    Overloaded { service: &'static str },
 }
 
 /// Reaches the entities of one service through its router.

@@ -8,10 +8,13 @@
 //! - [`handle`]: the caller's side: send or call an entity by key, with timeouts.
 //! - [`relay`]: delivers a store's outbox at least once, with retries.
 //! - [`resilience`]: backoff with jitter, circuit breaker.
+//! - [`cluster`]: membership on ractor_cluster, heartbeats, reconnect, shard ownership and the
+//!   remotable routers (the only module that knows ractor_cluster).
 //!
 //! Cluster membership, shard ownership and remote routing come here too (cluster issue); the
 //! router and message shapes are made so that a router can become remote without a rewrite.
 
+pub mod cluster;
 pub mod entity;
 pub mod handle;
 pub mod relay;

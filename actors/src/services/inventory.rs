@@ -5,6 +5,7 @@
 //! call that timed out and ran anyway, or a retry after a crash, changes nothing twice.
 
 use super::Settings;
+use super::remote::{InventoryRequest, Placement, call, locate};
 use crate::domain::{Money, OrderId, Quantity, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView};
 use crate::error::ServiceError;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
@@ -108,16 +109,30 @@ impl StockEntity {
     }
 }
 
-/// Typed handle to the inventory service: what the gateway and the order saga call.
+/// Typed handle to the inventory service: what the gateway and the order saga call. In a
+/// cluster it sends each request to the router of the node owning the sku.
 #[derive(Clone)]
 pub struct InventoryService {
-    router: RouterHandle<InventoryMsg>,
+    /// This node's router (`None` on a node that does not host inventory).
+    router: Option<RouterHandle<InventoryMsg>>,
     settings: Arc<Settings>,
+    placement: Placement,
 }
 
 impl InventoryService {
-    pub(crate) fn new(router: RouterHandle<InventoryMsg>, settings: Arc<Settings>) -> Self {
-        Self { router, settings }
+    pub(crate) fn new(
+        router: Option<RouterHandle<InventoryMsg>>,
+        settings: Arc<Settings>,
+        placement: Placement,
+    ) -> Self {
+        Self { router, settings, placement }
+    }
+
+    fn local(&self) -> Result<&RouterHandle<InventoryMsg>, ServiceError> {
+        self.router.as_ref().ok_or(ServiceError::Unavailable {
+            service: "inventory",
+            detail: "this node does not host inventory".into(),
+        })
     }
 
     async fn execute(
@@ -125,8 +140,22 @@ impl InventoryService {
         sku: &Sku,
         command: StockCommand,
     ) -> Result<Result<StockView, StockRejection>, ServiceError> {
+        match locate(&self.placement, "inventory", sku.as_str())? {
+            None => self.execute_local(sku, command).await,
+            Some(remote) => {
+                let request = InventoryRequest::Execute { sku: sku.clone(), command };
+                call(&remote, "inventory", &request, self.settings.call_timeout).await
+            }
+        }
+    }
+
+    pub(crate) async fn execute_local(
+        &self,
+        sku: &Sku,
+        command: StockCommand,
+    ) -> Result<Result<StockView, StockRejection>, ServiceError> {
         let timeout = self.settings.call_timeout;
-        Ok(self.router.call(sku.as_str(), |reply| InventoryMsg::Execute { command, reply }, timeout).await?)
+        Ok(self.local()?.call(sku.as_str(), |reply| InventoryMsg::Execute { command, reply }, timeout).await?)
     }
 
     /// Admin: sets the units available for new orders and the unit price.
@@ -137,8 +166,18 @@ impl InventoryService {
     }
 
     pub async fn get(&self, sku: &Sku) -> Result<Option<StockView>, ServiceError> {
+        match locate(&self.placement, "inventory", sku.as_str())? {
+            None => self.get_local(sku).await,
+            Some(remote) => {
+                call(&remote, "inventory", &InventoryRequest::Get { sku: sku.clone() }, self.settings.call_timeout)
+                    .await
+            }
+        }
+    }
+
+    pub(crate) async fn get_local(&self, sku: &Sku) -> Result<Option<StockView>, ServiceError> {
         let timeout = self.settings.call_timeout;
-        Ok(self.router.call(sku.as_str(), |reply| InventoryMsg::Get { reply }, timeout).await?)
+        Ok(self.local()?.call(sku.as_str(), |reply| InventoryMsg::Get { reply }, timeout).await?)
     }
 
     pub async fn reserve(
@@ -158,11 +197,17 @@ impl InventoryService {
         self.execute(sku, StockCommand::Commit { order }).await
     }
 
+    /// Stock items in memory on this node.
     pub async fn active_entities(&self) -> Result<usize, ServiceError> {
-        Ok(self.router.active_entities().await?)
+        match &self.router {
+            Some(router) => Ok(router.active_entities().await?),
+            None => Ok(0),
+        }
     }
 
     pub(crate) fn stop(&self) {
-        self.router.stop();
+        if let Some(router) = &self.router {
+            router.stop();
+        }
     }
 }

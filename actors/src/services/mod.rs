@@ -13,15 +13,18 @@ pub mod events;
 pub mod inventory;
 pub mod order;
 pub mod payment;
+pub mod remote;
 
 use crate::provider::PaymentProvider;
 use events::IntegrationEvent;
 use inventory::{InventoryDeps, InventoryService, StockEntity};
 use order::{OrderDeps, OrderEntity, OrderService};
+use ordermesh_runtime::cluster::Cluster;
 use ordermesh_runtime::relay::{RelayOptions, run_relay};
 use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router, RouterHandle};
 use ordermesh_storage::{OutboxEntry, Store, StoreOptions, codec};
 use payment::{PaymentDeps, PaymentEntity, PaymentService};
+use remote::Placement;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -95,6 +98,41 @@ pub enum StartError {
     Recovery(ServiceError),
 }
 
+/// Which services a node hosts (a node hosting none is a gateway-only cluster member).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hosted {
+    pub order: bool,
+    pub inventory: bool,
+    pub payment: bool,
+}
+
+impl Hosted {
+    pub const ALL: Hosted = Hosted { order: true, inventory: true, payment: true };
+
+    /// Names of the hosted services (`order`, `inventory`, `payment`).
+    pub fn names(&self) -> Vec<String> {
+        [(self.order, "order"), (self.inventory, "inventory"), (self.payment, "payment")]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| name.to_owned())
+            .collect()
+    }
+
+    /// Parses a comma list of service names (empty: none).
+    pub fn parse(list: &str) -> Result<Hosted, String> {
+        let mut hosted = Hosted { order: false, inventory: false, payment: false };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "order" => hosted.order = true,
+                "inventory" => hosted.inventory = true,
+                "payment" => hosted.payment = true,
+                other => return Err(format!("unknown service `{other}` (expected order, inventory, payment)")),
+            }
+        }
+        Ok(hosted)
+    }
+}
+
 /// The order, inventory and payment services running on this node.
 pub struct Services {
     pub orders: OrderService,
@@ -112,83 +150,154 @@ impl Services {
         settings: Settings,
         provider: Arc<dyn PaymentProvider>,
     ) -> Result<Services, StartError> {
+        Self::start_hosting(data_dir, settings, provider, Hosted::ALL, None).await
+    }
+
+    /// Starts the `hosted` services of a cluster node: their stores, routers, relays and
+    /// remotable endpoints; requests for entities other nodes own go to those nodes.
+    pub async fn start_node(
+        data_dir: &Path,
+        settings: Settings,
+        provider: Arc<dyn PaymentProvider>,
+        hosted: Hosted,
+        cluster: Arc<Cluster>,
+    ) -> Result<Services, StartError> {
+        let services = Self::start_hosting(data_dir, settings, provider, hosted, Some(cluster.clone())).await?;
+        let bound = cluster.max_in_flight_per_router();
+        let serve = |service: &'static str, reason: String| StartError::Actor { service, reason };
+        if hosted.inventory {
+            cluster
+                .serve("inventory", Arc::new(remote::InventoryWire(services.inventory.clone())), bound)
+                .await
+                .map_err(|e| serve("inventory", e))?;
+        }
+        if hosted.payment {
+            cluster
+                .serve("payment", Arc::new(remote::PaymentWire(services.payments.clone())), bound)
+                .await
+                .map_err(|e| serve("payment", e))?;
+        }
+        if hosted.order {
+            cluster
+                .serve("order", Arc::new(remote::OrderWire(services.orders.clone())), bound)
+                .await
+                .map_err(|e| serve("order", e))?;
+        }
+        Ok(services)
+    }
+
+    async fn start_hosting(
+        data_dir: &Path,
+        settings: Settings,
+        provider: Arc<dyn PaymentProvider>,
+        hosted: Hosted,
+        placement: Placement,
+    ) -> Result<Services, StartError> {
         let settings = Arc::new(settings);
-        let open = |service: &'static str| {
+        let open = |service: &'static str, on: bool| -> Result<Option<Store>, StartError> {
+            if !on {
+                return Ok(None);
+            }
             let options = StoreOptions { fsync: settings.fsync, ..StoreOptions::default() };
-            Store::open(service_dir(data_dir, service), options).map_err(|source| StartError::Store { service, source })
+            Store::open(service_dir(data_dir, service), options)
+                .map(Some)
+                .map_err(|source| StartError::Store { service, source })
         };
-        let (order_store, inventory_store, payment_store) = (open("order")?, open("inventory")?, open("payment")?);
+        let (order_store, inventory_store, payment_store) =
+            (open("order", hosted.order)?, open("inventory", hosted.inventory)?, open("payment", hosted.payment)?);
 
         let hosting = |service| HostingOptions { service, idle_after: settings.entity_idle };
         let actor_err =
             |service| move |e: ractor::ActorProcessingErr| StartError::Actor { service, reason: e.to_string() };
 
-        let inventory_router = Router::<StockEntity>::start(
-            hosting("inventory"),
-            InventoryDeps { store: inventory_store.clone(), settings: settings.clone() },
-        )
-        .await
-        .map_err(actor_err("inventory"))?;
-        let inventory = InventoryService::new(RouterHandle::new(inventory_router, "inventory"), settings.clone());
+        let inventory_router = match &inventory_store {
+            Some(store) => Some(RouterHandle::new(
+                Router::<StockEntity>::start(
+                    hosting("inventory"),
+                    InventoryDeps { store: store.clone(), settings: settings.clone() },
+                )
+                .await
+                .map_err(actor_err("inventory"))?,
+                "inventory",
+            )),
+            None => None,
+        };
+        let inventory = InventoryService::new(inventory_router, settings.clone(), placement.clone());
 
-        let breaker = Arc::new(CircuitBreaker::new(
-            "payment_provider",
-            settings.breaker_failure_threshold,
-            settings.breaker_cooldown,
-        ));
-        let payment_router = Router::<PaymentEntity>::start(
-            hosting("payment"),
-            PaymentDeps { store: payment_store.clone(), provider, breaker, settings: settings.clone() },
-        )
-        .await
-        .map_err(actor_err("payment"))?;
-        let payments =
-            PaymentService::new(RouterHandle::new(payment_router, "payment"), payment_store.clone(), settings.clone());
+        let payment_local = match &payment_store {
+            Some(store) => {
+                let breaker = Arc::new(CircuitBreaker::new(
+                    "payment_provider",
+                    settings.breaker_failure_threshold,
+                    settings.breaker_cooldown,
+                ));
+                let router = Router::<PaymentEntity>::start(
+                    hosting("payment"),
+                    PaymentDeps { store: store.clone(), provider, breaker, settings: settings.clone() },
+                )
+                .await
+                .map_err(actor_err("payment"))?;
+                Some((RouterHandle::new(router, "payment"), store.clone()))
+            }
+            None => None,
+        };
+        let payments = PaymentService::new(payment_local, settings.clone(), placement.clone());
 
-        let order_router = Router::<OrderEntity>::start(
-            hosting("order"),
-            OrderDeps { store: order_store.clone(), inventory: inventory.clone(), settings: settings.clone() },
-        )
-        .await
-        .map_err(actor_err("order"))?;
-        let orders = OrderService::new(
-            RouterHandle::new(order_router, "order"),
-            order_store.clone(),
-            inventory.clone(),
-            settings.clone(),
-        );
+        let order_local = match &order_store {
+            Some(store) => {
+                let router = Router::<OrderEntity>::start(
+                    hosting("order"),
+                    OrderDeps { store: store.clone(), inventory: inventory.clone(), settings: settings.clone() },
+                )
+                .await
+                .map_err(actor_err("order"))?;
+                Some((RouterHandle::new(router, "order"), store.clone()))
+            }
+            None => None,
+        };
+        let orders = OrderService::new(order_local, inventory.clone(), settings.clone(), placement);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut background = JoinSet::new();
         let relay = |name| RelayOptions { name, max_in_flight: 512, backoff: settings.retry_backoff };
-        let to_payment = payments.clone();
-        background.spawn(run_relay(
-            order_store.clone(),
-            relay("order"),
-            move |entry: OutboxEntry| {
-                let payments = to_payment.clone();
-                async move { payments.deliver(codec::decode::<IntegrationEvent>(&entry.bytes)?).await }
-            },
-            shutdown_rx.clone(),
-        ));
-        let to_orders = orders.clone();
-        background.spawn(run_relay(
-            payment_store.clone(),
-            relay("payment"),
-            move |entry: OutboxEntry| {
-                let orders = to_orders.clone();
-                async move {
-                    match codec::decode::<IntegrationEvent>(&entry.bytes)? {
-                        IntegrationEvent::PaymentSettled { event_id, order, outcome } => {
-                            orders.payment_settled(order, event_id, outcome).await
+        if let Some(order_store) = &order_store {
+            let to_payment = payments.clone();
+            background.spawn(run_relay(
+                order_store.clone(),
+                relay("order"),
+                move |entry: OutboxEntry| {
+                    let payments = to_payment.clone();
+                    async move { payments.deliver(codec::decode::<IntegrationEvent>(&entry.bytes)?).await }
+                },
+                shutdown_rx.clone(),
+            ));
+            background.spawn(purge_idempotency_keys(
+                order_store.clone(),
+                settings.idempotency_retention,
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some(payment_store) = &payment_store {
+            let to_orders = orders.clone();
+            background.spawn(run_relay(
+                payment_store.clone(),
+                relay("payment"),
+                move |entry: OutboxEntry| {
+                    let orders = to_orders.clone();
+                    async move {
+                        match codec::decode::<IntegrationEvent>(&entry.bytes)? {
+                            IntegrationEvent::PaymentSettled { event_id, order, outcome } => {
+                                orders.payment_settled(order, event_id, outcome).await
+                            }
+                            other => {
+                                Err(ServiceError::Invalid(format!("unexpected event in payment outbox: {other:?}")))
+                            }
                         }
-                        other => Err(ServiceError::Invalid(format!("unexpected event in payment outbox: {other:?}"))),
                     }
-                }
-            },
-            shutdown_rx.clone(),
-        ));
-        background.spawn(purge_idempotency_keys(order_store.clone(), settings.idempotency_retention, shutdown_rx));
+                },
+                shutdown_rx.clone(),
+            ));
+        }
 
         // Resume unfinished work: activating an entity resumes its saga or provider call.
         let running_orders = orders.running().map_err(StartError::Recovery)?;
@@ -211,7 +320,7 @@ impl Services {
             orders,
             inventory,
             payments,
-            stores: vec![order_store, inventory_store, payment_store],
+            stores: [order_store, inventory_store, payment_store].into_iter().flatten().collect(),
             shutdown,
             background,
         })

@@ -17,12 +17,14 @@
 
 use super::events::{IntegrationEvent, PaymentOutcome, event_id};
 use super::inventory::InventoryService;
+use super::remote::{OrderRequest, Placement, call, locate, merge_pages};
 use super::{Settings, now_ms};
 use crate::domain::{
     CancelReason, CustomerId, Order, OrderCommand, OrderEvent, OrderId, OrderLine, OrderRejection, OrderStatus,
     PaymentToken, Quantity, SagaStep, Sku, StockRejection,
 };
 use crate::error::ServiceError;
+use ordermesh_runtime::cluster::Target;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
@@ -548,6 +550,11 @@ fn idempotency_key(customer: &CustomerId, key: &str) -> String {
     format!("{customer}\u{1f}{key}")
 }
 
+/// The ownership key of an idempotency key (the same string the store keys it by).
+fn idempotency_key_of(customer: &CustomerId, key: &str) -> String {
+    idempotency_key(customer, key)
+}
+
 fn load_order(store: &Store, id: OrderId) -> Result<Option<Order>, ServiceError> {
     let events = store.read_events(&id.to_string(), 0)?;
     let mut order = None;
@@ -561,7 +568,7 @@ fn load_order(store: &Store, id: OrderId) -> Result<Option<Order>, ServiceError>
 // The typed handle
 
 /// Who is asking: customers see and cancel only their own orders.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Requester {
     Customer(CustomerId),
     Admin,
@@ -598,7 +605,7 @@ pub struct CancelOutcome {
     pub already_cancelled: bool,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ListQuery {
     /// Only this customer's orders (always set for a customer requester).
     pub customer: Option<CustomerId>,
@@ -615,23 +622,40 @@ pub struct OrderPage {
     pub next: Option<OrderId>,
 }
 
-/// Typed handle to the order service.
+/// Typed handle to the order service. In a cluster, each request goes to the node owning the
+/// order; listing asks every order node and merges.
 #[derive(Clone)]
 pub struct OrderService {
-    router: RouterHandle<OrderMsg>,
-    store: Store,
+    /// This node's router and store (`None` on a node that does not host orders).
+    local: Option<(RouterHandle<OrderMsg>, Store)>,
     inventory: InventoryService,
     settings: Arc<Settings>,
+    placement: Placement,
 }
 
 impl OrderService {
     pub(crate) fn new(
-        router: RouterHandle<OrderMsg>,
-        store: Store,
+        local: Option<(RouterHandle<OrderMsg>, Store)>,
         inventory: InventoryService,
         settings: Arc<Settings>,
+        placement: Placement,
     ) -> Self {
-        Self { router, store, inventory, settings }
+        Self { local, inventory, settings, placement }
+    }
+
+    fn local(&self) -> Result<&(RouterHandle<OrderMsg>, Store), ServiceError> {
+        self.local
+            .as_ref()
+            .ok_or(ServiceError::Unavailable { service: "order", detail: "this node does not host orders".into() })
+    }
+
+    fn store(&self) -> Result<&Store, ServiceError> {
+        Ok(&self.local()?.1)
+    }
+
+    /// A remote place runs pricing and the durable write on the owner: allow for both.
+    fn remote_timeout(&self) -> Duration {
+        self.settings.call_timeout * 2
     }
 
     /// Places an order: prices its lines from inventory, makes it durable, starts its saga.
@@ -640,6 +664,43 @@ impl OrderService {
         if new.items.is_empty() || new.items.len() > Order::MAX_LINES {
             return Err(ServiceError::Invalid(format!("an order needs 1 to {} items", Order::MAX_LINES)));
         }
+        let id = match (&self.placement, &idempotency_key) {
+            // The order goes to the node whose store holds the idempotency key, so a retry
+            // through any gateway finds it: pick an id in the key's shard.
+            (Some(cluster), Some(key)) => {
+                let shard = cluster.shard_of(&idempotency_key_of(&new.customer, key));
+                let mut id = OrderId::generate();
+                for _ in 0..100_000 {
+                    if cluster.shard_of(&id.to_string()) == shard {
+                        break;
+                    }
+                    id = OrderId::generate();
+                }
+                id
+            }
+            _ => OrderId::generate(),
+        };
+        match locate(&self.placement, "order", &id.to_string())? {
+            None => self.place_local(id, new, idempotency_key).await,
+            Some(remote) => {
+                let request = OrderRequest::Place { id, new, idempotency_key };
+                let (order, created) = call(&remote, "order", &request, self.remote_timeout()).await?;
+                Ok(PlaceOutcome { order, created })
+            }
+        }
+    }
+
+    /// [`Self::place`] on this node, with the order id chosen by the caller.
+    pub(crate) async fn place_local(
+        &self,
+        id: OrderId,
+        new: NewOrder,
+        idempotency_key: Option<String>,
+    ) -> Result<PlaceOutcome, ServiceError> {
+        if new.items.is_empty() || new.items.len() > Order::MAX_LINES {
+            return Err(ServiceError::Invalid(format!("an order needs 1 to {} items", Order::MAX_LINES)));
+        }
+        let (router, _) = self.local()?;
         let claim = match idempotency_key {
             Some(key) => {
                 let request = codec::encode(&new)?;
@@ -651,7 +712,6 @@ impl OrderService {
             None => None,
         };
         let lines = self.price(&new.items).await?;
-        let id = OrderId::generate();
         let request = PlaceRequest {
             customer: new.customer.clone(),
             lines,
@@ -659,7 +719,7 @@ impl OrderService {
             idempotency: claim,
         };
         let timeout = self.settings.call_timeout;
-        let result = self.router.call(id.to_string(), |reply| OrderMsg::Place { request, reply }, timeout).await?;
+        let result = router.call(id.to_string(), |reply| OrderMsg::Place { request, reply }, timeout).await?;
         match result {
             Ok(order) => Ok(PlaceOutcome { order, created: true }),
             Err(PlaceError::Service(err)) => Err(err),
@@ -679,7 +739,7 @@ impl OrderService {
         key: &str,
         request: &[u8],
     ) -> Result<Option<PlaceOutcome>, ServiceError> {
-        let Some(record) = self.store.idempotency_get(&idempotency_key(customer, key))? else { return Ok(None) };
+        let Some(record) = self.store()?.idempotency_get(&idempotency_key(customer, key))? else { return Ok(None) };
         let value: IdempotencyValue = codec::decode(&record.value)?;
         if value.request != request {
             return Err(ServiceError::IdempotencyMismatch);
@@ -708,26 +768,82 @@ impl OrderService {
 
     /// Reads an order as `requester` may see it (`None` also when it is someone else's).
     pub async fn get(&self, id: OrderId, requester: &Requester) -> Result<Option<Order>, ServiceError> {
+        match locate(&self.placement, "order", &id.to_string())? {
+            None => self.get_local(id, requester),
+            Some(remote) => {
+                let request = OrderRequest::Get { id, requester: requester.clone() };
+                call(&remote, "order", &request, self.settings.call_timeout).await
+            }
+        }
+    }
+
+    pub(crate) fn get_local(&self, id: OrderId, requester: &Requester) -> Result<Option<Order>, ServiceError> {
         Ok(self.read(id)?.filter(|o| requester.may_see(o)))
     }
 
     /// Reads the order from the store (every persisted change; no actor is activated).
     fn read(&self, id: OrderId) -> Result<Option<Order>, ServiceError> {
-        load_order(&self.store, id)
+        load_order(self.store()?, id)
     }
 
     pub async fn cancel(&self, id: OrderId, requester: &Requester) -> Result<CancelOutcome, ServiceError> {
-        let order = self.get(id, requester).await?.ok_or(ServiceError::NotFound)?;
+        match locate(&self.placement, "order", &id.to_string())? {
+            None => self.cancel_local(id, requester).await,
+            Some(remote) => {
+                let request = OrderRequest::Cancel { id, requester: requester.clone() };
+                let (order, already_cancelled) = call(&remote, "order", &request, self.remote_timeout()).await?;
+                Ok(CancelOutcome { order, already_cancelled })
+            }
+        }
+    }
+
+    pub(crate) async fn cancel_local(&self, id: OrderId, requester: &Requester) -> Result<CancelOutcome, ServiceError> {
+        let order = self.get_local(id, requester)?.ok_or(ServiceError::NotFound)?;
         if order.status == OrderStatus::Cancelled {
             return Ok(CancelOutcome { order, already_cancelled: true });
         }
         let timeout = self.settings.call_timeout;
-        let order = self.router.call(id.to_string(), |reply| OrderMsg::Cancel { reply }, timeout).await??;
+        let (router, _) = self.local()?;
+        let order = router.call(id.to_string(), |reply| OrderMsg::Cancel { reply }, timeout).await??;
         Ok(CancelOutcome { order, already_cancelled: false })
     }
 
-    /// Lists orders from the indexes, in id (creation) order.
+    /// Lists orders in id (creation) order. Blocking: call it from a blocking thread (in a
+    /// cluster it asks every order node, waiting on the runtime of the calling context).
     pub fn list(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
+        let Some(cluster) = &self.placement else { return self.list_local(query) };
+        let limit = query.limit.clamp(1, 500);
+        let members = cluster.members_of("order")?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| ServiceError::Unavailable { service: "order", detail: "no runtime to list on".into() })?;
+        let this = self.clone();
+        let query = ListQuery { limit, ..query.clone() };
+        let gather = async move {
+            let mut pages = Vec::new();
+            let mut more = false;
+            for member in members {
+                let (orders, next) = match cluster.target("order", &member)? {
+                    Target::Local => {
+                        let page = this.list_local(&query)?;
+                        (page.orders, page.next)
+                    }
+                    Target::Remote(remote) => {
+                        let request = OrderRequest::List { query: query.clone() };
+                        call::<_, (Vec<Order>, Option<OrderId>)>(&remote, "order", &request, this.settings.call_timeout)
+                            .await?
+                    }
+                };
+                more |= next.is_some();
+                pages.push(orders);
+            }
+            let (orders, next) = merge_pages(pages, limit, more);
+            Ok::<_, ServiceError>(OrderPage { orders, next })
+        };
+        handle.block_on(gather)
+    }
+
+    /// Lists this node's orders from its indexes, in id (creation) order.
+    pub(crate) fn list_local(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
         let limit = query.limit.clamp(1, 500);
         let status = query.status.map(|s| s.as_str().as_bytes());
         let prefix = match (&query.customer, status) {
@@ -741,7 +857,7 @@ impl OrderService {
             k.extend_from_slice(id.to_string().as_bytes());
             k
         });
-        let entries = self.store.index_scan(&prefix, start_after.as_deref(), limit + 1)?;
+        let entries = self.store()?.index_scan(&prefix, start_after.as_deref(), limit + 1)?;
         let more = entries.len() > limit;
         let mut orders = Vec::with_capacity(limit);
         for (k, _) in entries.into_iter().take(limit) {
@@ -755,26 +871,42 @@ impl OrderService {
         Ok(OrderPage { orders, next })
     }
 
-    /// Delivers the payment service's verdict (used by the payment outbox relay).
+    /// Delivers the payment service's verdict (used by the payment outbox relay) to the node
+    /// owning the order.
     pub(crate) async fn payment_settled(
         &self,
         order: OrderId,
         event_id: String,
         outcome: PaymentOutcome,
     ) -> Result<(), ServiceError> {
-        let timeout = self.settings.call_timeout;
-        self.router
-            .call(order.to_string(), |reply| OrderMsg::PaymentSettled { event_id, outcome, reply }, timeout)
-            .await?
+        match locate(&self.placement, "order", &order.to_string())? {
+            None => self.payment_settled_local(order, event_id, outcome).await,
+            Some(remote) => {
+                let request = OrderRequest::PaymentSettled { order, event_id, outcome };
+                call(&remote, "order", &request, self.settings.call_timeout).await
+            }
+        }
     }
 
-    /// Ids of orders whose saga is not finished (resumed at start).
+    pub(crate) async fn payment_settled_local(
+        &self,
+        order: OrderId,
+        event_id: String,
+        outcome: PaymentOutcome,
+    ) -> Result<(), ServiceError> {
+        let timeout = self.settings.call_timeout;
+        let (router, _) = self.local()?;
+        router.call(order.to_string(), |reply| OrderMsg::PaymentSettled { event_id, outcome, reply }, timeout).await?
+    }
+
+    /// Ids of this node's orders whose saga is not finished (resumed at start).
     pub(crate) fn running(&self) -> Result<Vec<OrderId>, ServiceError> {
+        let Some((_, store)) = &self.local else { return Ok(vec![]) };
         let prefix = key(&[b"r", b""]);
         let mut ids = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.store.index_scan(&prefix, after.as_deref(), 1024)?;
+            let page = store.index_scan(&prefix, after.as_deref(), 1024)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             ids.extend(
@@ -785,14 +917,22 @@ impl OrderService {
     }
 
     pub(crate) fn resume(&self, id: OrderId) {
-        let _ = self.router.send(id.to_string(), OrderMsg::Continue);
+        if let Some((router, _)) = &self.local {
+            let _ = router.send(id.to_string(), OrderMsg::Continue);
+        }
     }
 
+    /// Orders in memory on this node.
     pub async fn active_entities(&self) -> Result<usize, ServiceError> {
-        Ok(self.router.active_entities().await?)
+        match &self.local {
+            Some((router, _)) => Ok(router.active_entities().await?),
+            None => Ok(0),
+        }
     }
 
     pub(crate) fn stop(&self) {
-        self.router.stop();
+        if let Some((router, _)) = &self.local {
+            router.stop();
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! second charge.
 
 use super::events::{IntegrationEvent, PaymentOutcome, event_id};
+use super::remote::{PaymentRequest, Placement, call, locate};
 use super::{Settings, now_ms};
 use crate::domain::{Money, OrderId, Payment, PaymentCommand, PaymentEvent, PaymentStep, PaymentToken, UnixMillis};
 use crate::error::ServiceError;
@@ -295,38 +296,67 @@ async fn refund_until_done(deps: PaymentDeps, request: RefundRequest, mailbox: M
     }
 }
 
-/// Typed handle to the payment service.
+/// Typed handle to the payment service. In a cluster, events go to the node owning the
+/// order's payment.
 #[derive(Clone)]
 pub struct PaymentService {
-    router: RouterHandle<PaymentMsg>,
-    store: Store,
+    /// This node's router and store (`None` on a node that does not host payments).
+    local: Option<(RouterHandle<PaymentMsg>, Store)>,
     settings: Arc<Settings>,
+    placement: Placement,
 }
 
 impl PaymentService {
-    pub(crate) fn new(router: RouterHandle<PaymentMsg>, store: Store, settings: Arc<Settings>) -> Self {
-        Self { router, store, settings }
+    pub(crate) fn new(
+        local: Option<(RouterHandle<PaymentMsg>, Store)>,
+        settings: Arc<Settings>,
+        placement: Placement,
+    ) -> Self {
+        Self { local, settings, placement }
     }
 
-    /// The payment of an order, as its log says.
+    fn local(&self) -> Result<&(RouterHandle<PaymentMsg>, Store), ServiceError> {
+        self.local
+            .as_ref()
+            .ok_or(ServiceError::Unavailable { service: "payment", detail: "this node does not host payments".into() })
+    }
+
+    /// The payment of an order, as this node's log says (payments this node owns).
     pub fn get(&self, order: OrderId) -> Result<Option<Payment>, ServiceError> {
+        let (_, store) = self.local()?;
         let mut payment = None;
-        for stored in self.store.read_events(&order.to_string(), 0)? {
+        for stored in store.read_events(&order.to_string(), 0)? {
             payment = Payment::apply(payment, &codec::decode::<PaymentEvent>(&stored.bytes)?);
         }
         Ok(payment)
     }
 
-    /// Delivers one of the order service's events (used by the order outbox relay).
+    /// Delivers one of the order service's events (used by the order outbox relay) to the
+    /// node owning the order's payment.
     pub(crate) async fn deliver(&self, event: IntegrationEvent) -> Result<(), ServiceError> {
+        let order = match &event {
+            IntegrationEvent::PaymentRequested { order, .. }
+            | IntegrationEvent::PaymentCancelRequested { order, .. } => *order,
+            IntegrationEvent::PaymentSettled { .. } => {
+                return Err(ServiceError::Invalid("payment settlements go to the order service".into()));
+            }
+        };
+        match locate(&self.placement, "payment", &order.to_string())? {
+            None => self.deliver_local(event).await,
+            Some(remote) => call(&remote, "payment", &PaymentRequest::Deliver(event), self.settings.call_timeout).await,
+        }
+    }
+
+    pub(crate) async fn deliver_local(&self, event: IntegrationEvent) -> Result<(), ServiceError> {
         let timeout = self.settings.call_timeout;
+        let (router, _) = self.local()?;
         match event {
             IntegrationEvent::PaymentRequested { event_id, order, amount, token, deadline_at } => {
                 let build = |reply| PaymentMsg::Request { event_id, amount, token, deadline_at, reply };
-                self.router.call(order.to_string(), build, timeout).await?
+                router.call(order.to_string(), build, timeout).await?
             }
             IntegrationEvent::PaymentCancelRequested { event_id, order } => {
-                self.router.call(order.to_string(), |reply| PaymentMsg::Cancel { event_id, reply }, timeout).await?
+                router.call(order.to_string(), |reply| PaymentMsg::Cancel { event_id, reply }, timeout).await?
             }
             IntegrationEvent::PaymentSettled { .. } => {
                 Err(ServiceError::Invalid("payment settlements go to the order service".into()))
@@ -334,12 +364,13 @@ impl PaymentService {
         }
     }
 
-    /// Orders whose payment has work pending (resumed at start).
+    /// Orders whose payment has work pending on this node (resumed at start).
     pub(crate) fn running(&self) -> Result<Vec<OrderId>, ServiceError> {
+        let Some((_, store)) = &self.local else { return Ok(vec![]) };
         let mut ids = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.store.index_scan(b"r/", after.as_deref(), 1024)?;
+            let page = store.index_scan(b"r/", after.as_deref(), 1024)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             ids.extend(page.iter().filter_map(|(k, _)| OrderId::parse(std::str::from_utf8(&k[2..]).ok()?).ok()));
@@ -348,10 +379,14 @@ impl PaymentService {
     }
 
     pub(crate) fn resume(&self, order: OrderId) {
-        let _ = self.router.send(order.to_string(), PaymentMsg::Resume);
+        if let Some((router, _)) = &self.local {
+            let _ = router.send(order.to_string(), PaymentMsg::Resume);
+        }
     }
 
     pub(crate) fn stop(&self) {
-        self.router.stop();
+        if let Some((router, _)) = &self.local {
+            router.stop();
+        }
     }
 }

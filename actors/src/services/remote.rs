@@ -1,0 +1,233 @@
+//! The services' side of cross-node routing: the versioned, codec-encoded requests a
+//! service handle sends to the owning node's router, and the [`WireHandler`]s that answer them
+//! there by calling the same handle's local path.
+//!
+//! Every request below is encoded with `ordermesh_storage::codec` (format header) inside the
+//! runtime's versioned envelope (`WIRE_VERSION`); adding a field or variant means a new wire
+//! version. Every request is idempotent on the owner (stock commands per order id, payments per
+//! order id, settlements per event id; a `Place` carries the order id chosen by the caller, so
+//! a retried place of the same id is rejected as a duplicate rather than creating a second).
+
+use super::events::{IntegrationEvent, PaymentOutcome};
+use super::inventory::InventoryService;
+use super::order::{ListQuery, NewOrder, OrderService, Requester};
+use super::payment::PaymentService;
+use crate::domain::{Order, OrderId, Sku, StockCommand, StockRejection, StockView};
+use crate::error::ServiceError;
+use ordermesh_runtime::cluster::wire::{BoxFuture, WireHandler};
+use ordermesh_runtime::cluster::{Cluster, RemoteError, RemoteRouter, Target};
+use ordermesh_storage::codec;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// [`ServiceError`] as it crosses the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireServiceError {
+    NotFound,
+    Invalid(String),
+    IdempotencyMismatch,
+    Unavailable { service: String, detail: String },
+    Storage(String),
+}
+
+fn static_service(service: &str) -> &'static str {
+    match service {
+        "order" => "order",
+        "inventory" => "inventory",
+        "payment" => "payment",
+        _ => "cluster",
+    }
+}
+
+impl From<ServiceError> for WireServiceError {
+    fn from(err: ServiceError) -> Self {
+        match err {
+            ServiceError::NotFound => Self::NotFound,
+            ServiceError::Invalid(s) => Self::Invalid(s),
+            ServiceError::IdempotencyMismatch => Self::IdempotencyMismatch,
+            ServiceError::Unavailable { service, detail } => Self::Unavailable { service: service.into(), detail },
+            ServiceError::Storage(s) => Self::Storage(s),
+        }
+    }
+}
+
+impl From<WireServiceError> for ServiceError {
+    fn from(err: WireServiceError) -> Self {
+        match err {
+            WireServiceError::NotFound => Self::NotFound,
+            WireServiceError::Invalid(s) => Self::Invalid(s),
+            WireServiceError::IdempotencyMismatch => Self::IdempotencyMismatch,
+            WireServiceError::Unavailable { service, detail } => {
+                Self::Unavailable { service: static_service(&service), detail }
+            }
+            WireServiceError::Storage(s) => Self::Storage(s),
+        }
+    }
+}
+
+type WireResult<T> = Result<T, WireServiceError>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum InventoryRequest {
+    /// -> `WireResult<Result<StockView, StockRejection>>`
+    Execute { sku: Sku, command: StockCommand },
+    /// -> `WireResult<Option<StockView>>`
+    Get { sku: Sku },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OrderRequest {
+    /// -> `WireResult<(Order, bool)>` (the order, created)
+    Place { id: OrderId, new: NewOrder, idempotency_key: Option<String> },
+    /// -> `WireResult<Option<Order>>`
+    Get { id: OrderId, requester: Requester },
+    /// -> `WireResult<(Order, bool)>` (the order, already cancelled)
+    Cancel { id: OrderId, requester: Requester },
+    /// -> `WireResult<(Vec<Order>, Option<OrderId>)>` (this node's orders only)
+    List { query: ListQuery },
+    /// -> `WireResult<()>`
+    PaymentSettled { order: OrderId, event_id: String, outcome: PaymentOutcome },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PaymentRequest {
+    /// -> `WireResult<()>`
+    Deliver(IntegrationEvent),
+}
+
+/// The cluster a handle routes through (`None`: single node, everything local).
+pub(crate) type Placement = Option<Arc<Cluster>>;
+
+/// `Ok(None)`: handle it locally; `Ok(Some)`: send it to that router; `Err`: the owner is
+/// unreachable (fail fast, 503).
+pub(crate) fn locate(
+    placement: &Placement,
+    service: &'static str,
+    key: &str,
+) -> Result<Option<RemoteRouter>, ServiceError> {
+    let Some(cluster) = placement else { return Ok(None) };
+    match cluster.locate(service, key)? {
+        Target::Local => Ok(None),
+        Target::Remote(router) => Ok(Some(router)),
+    }
+}
+
+/// Sends `request` to `router`, decodes the typed answer.
+pub(crate) async fn call<Req: Serialize, T: DeserializeOwned>(
+    router: &RemoteRouter,
+    service: &'static str,
+    request: &Req,
+    timeout: Duration,
+) -> Result<T, ServiceError> {
+    let body = codec::encode(request)?;
+    let unavailable = |detail: String| ServiceError::Unavailable { service, detail };
+    let answer = router.call(body, timeout).await.map_err(|err| match err {
+        RemoteError::Call(call) => ServiceError::from(call),
+        RemoteError::Wire(wire) => unavailable(format!("node {}: {wire}", router.node())),
+    })?;
+    let result: WireResult<T> =
+        codec::decode(&answer).map_err(|e| unavailable(format!("bad answer from {}: {e}", router.node())))?;
+    result.map_err(ServiceError::from)
+}
+
+fn answer<T: Serialize>(result: Result<T, ServiceError>) -> Result<Vec<u8>, String> {
+    codec::encode(&result.map_err(WireServiceError::from)).map_err(|e| e.to_string())
+}
+
+pub(crate) struct InventoryWire(pub InventoryService);
+
+impl WireHandler for InventoryWire {
+    fn handle(self: Arc<Self>, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match codec::decode::<InventoryRequest>(&body).map_err(|e| e.to_string())? {
+                InventoryRequest::Execute { sku, command } => {
+                    let result: Result<Result<StockView, StockRejection>, _> =
+                        self.0.execute_local(&sku, command).await;
+                    answer(result)
+                }
+                InventoryRequest::Get { sku } => answer(self.0.get_local(&sku).await),
+            }
+        })
+    }
+}
+
+pub(crate) struct OrderWire(pub OrderService);
+
+impl WireHandler for OrderWire {
+    fn handle(self: Arc<Self>, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let orders = &self.0;
+            match codec::decode::<OrderRequest>(&body).map_err(|e| e.to_string())? {
+                OrderRequest::Place { id, new, idempotency_key } => {
+                    answer(orders.place_local(id, new, idempotency_key).await.map(|o| (o.order, o.created)))
+                }
+                OrderRequest::Get { id, requester } => answer(orders.get_local(id, &requester)),
+                OrderRequest::Cancel { id, requester } => {
+                    answer(orders.cancel_local(id, &requester).await.map(|o| (o.order, o.already_cancelled)))
+                }
+                OrderRequest::List { query } => {
+                    let orders = orders.clone();
+                    let page = tokio::task::spawn_blocking(move || orders.list_local(&query))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    answer(page.map(|p| (p.orders, p.next)))
+                }
+                OrderRequest::PaymentSettled { order, event_id, outcome } => {
+                    answer(orders.payment_settled_local(order, event_id, outcome).await)
+                }
+            }
+        })
+    }
+}
+
+pub(crate) struct PaymentWire(pub PaymentService);
+
+impl WireHandler for PaymentWire {
+    fn handle(self: Arc<Self>, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match codec::decode::<PaymentRequest>(&body).map_err(|e| e.to_string())? {
+                PaymentRequest::Deliver(event) => answer(self.0.deliver_local(event).await),
+            }
+        })
+    }
+}
+
+/// Merges per-node pages of orders (each sorted by id) into one page of `limit`.
+/// `more`: some node had more than its page.
+pub(crate) fn merge_pages(pages: Vec<Vec<Order>>, limit: usize, more: bool) -> (Vec<Order>, Option<OrderId>) {
+    let mut all: Vec<Order> = pages.into_iter().flatten().collect();
+    all.sort_by_key(|o| o.id);
+    all.dedup_by_key(|o| o.id);
+    let more = more || all.len() > limit;
+    all.truncate(limit);
+    let next = if more { all.last().map(|o| o.id) } else { None };
+    (all, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_errors_survive_the_wire() {
+        for err in [
+            ServiceError::NotFound,
+            ServiceError::Invalid("x".into()),
+            ServiceError::IdempotencyMismatch,
+            ServiceError::Unavailable { service: "inventory", detail: "down".into() },
+            ServiceError::Storage("disk".into()),
+        ] {
+            let bytes = codec::encode(&WireServiceError::from(err.clone())).unwrap_or_default();
+            let back: WireServiceError = codec::decode(&bytes).unwrap_or(WireServiceError::NotFound);
+            assert_eq!(ServiceError::from(back), err);
+        }
+    }
+
+    #[test]
+    fn garbage_requests_are_errors() {
+        assert!(codec::decode::<OrderRequest>(b"garbage").is_err());
+        assert!(codec::decode::<InventoryRequest>(&[0xa5, 1, 200, 3]).is_err());
+    }
+}
