@@ -83,14 +83,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// `ordermesh token`: signs a token with the configured key, or a dev server's generated one.
-pub fn print_token(
-    file: Option<&Path>,
-    data_dir: Option<PathBuf>,
-    sub: &str,
-    role: Role,
-    ttl: Duration,
-) -> anyhow::Result<ExitCode> {
+/// The key of a client command (`token`, `bench`): the configured one (`--config`,
+/// `ORDERMESH_*`), else the secret a `dev` server generated in `<data_dir>/jwt-secret`.
+pub fn client_authenticator(file: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow::Result<Authenticator> {
     #[derive(serde::Serialize)]
     struct Flags {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,13 +96,25 @@ pub fn print_token(
         let path = config.data_dir.join(DEV_SECRET_FILE);
         let secret = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "no key configured: set ORDERMESH_JWT_SECRET, or start `ordermesh dev` once so it creates {}",
+                "no key configured: set ORDERMESH_JWT_SECRET as for the server, or point --data-dir at a \
+                 `ordermesh dev` data dir (no {} here)",
                 path.display()
             )
         })?;
         config.jwt_secret = Some(Secret::new(secret.trim()));
     }
-    let authenticator = config.authenticator()?;
+    Ok(config.authenticator()?)
+}
+
+/// `ordermesh token`: prints a token signed with [`client_authenticator`]'s key.
+pub fn print_token(
+    file: Option<&Path>,
+    data_dir: Option<PathBuf>,
+    sub: &str,
+    role: Role,
+    ttl: Duration,
+) -> anyhow::Result<ExitCode> {
+    let authenticator = client_authenticator(file, data_dir)?;
     println!("{}", mint(&authenticator, sub, role, ttl)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -31,14 +31,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use ordermesh_gateway::auth::{Authenticator, JwtAlgorithm, Role};
-use ordermesh_gateway::config::Secret;
+use ordermesh_gateway::auth::{Authenticator, Role};
 use reqwest::Url;
 
-use crate::wiring::{load_config, mint};
+use crate::wiring::mint;
 
 /// File in a dev data dir holding the generated HS256 secret (as `wiring` writes it).
-const DEV_SECRET_FILE: &str = "jwt-secret";
 /// Most customers (tokens are minted up front) and skus (each is seeded with one PUT).
 const MAX_CUSTOMERS: u32 = 1_000_000;
 const MAX_SKUS: u32 = 100_000;
@@ -235,27 +233,10 @@ pub fn run(config_file: Option<&Path>, args: BenchArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// The server's key, through the same layers as every command: `--config`, `ORDERMESH_*`,
-/// then a dev server's generated secret in `<data_dir>/jwt-secret`.
+/// The server's key, through the same layers as every command (see
+/// [`crate::wiring::client_authenticator`]).
 fn signing_key(config_file: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow::Result<Authenticator> {
-    #[derive(serde::Serialize)]
-    struct Flags {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_dir: Option<PathBuf>,
-    }
-    let mut config = load_config(config_file, Flags { data_dir })?;
-    if config.jwt_secret.is_none() && config.jwt_algorithm == JwtAlgorithm::HS256 {
-        let path = config.data_dir.join(DEV_SECRET_FILE);
-        let secret = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "no key configured: set ORDERMESH_JWT_SECRET as for the server, or pass the dev server's --data-dir \
-                 (no {} here)",
-                path.display()
-            )
-        })?;
-        config.jwt_secret = Some(Secret::new(secret.trim()));
-    }
-    Ok(config.authenticator()?)
+    crate::wiring::client_authenticator(config_file, data_dir)
 }
 
 /// Every connection is a file descriptor; say so before the run rather than as a wall of
