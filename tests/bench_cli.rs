@@ -2,47 +2,11 @@
 //! JSON summary with orders placed and confirmed; bad arguments fail fast and clearly.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
-const SECRET: &str = "bench-test-secret-that-is-long-enough-0123456789";
+use common::{SECRET, start_dev};
 
-struct Dev {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `ordermesh dev` on a free port and waits for its banner.
-fn start_dev(data_dir: &Path) -> Dev {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
-        .args(["dev", "--http", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .env("ORDERMESH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let base = loop {
-        let line = lines.next().expect("dev exited before printing its address").unwrap();
-        if let Some(url) = line.trim().strip_prefix("listening on ") {
-            break url.to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Dev { child, base }
-}
+use std::process::{Command, Output, Stdio};
 
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ordermesh"))
@@ -90,7 +54,7 @@ fn summary(output: &Output) -> serde_json::Value {
 #[test]
 fn closed_and_open_loop_runs_report_placed_and_confirmed_orders() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = start_dev(dir.path());
+    let dev = start_dev(dir.path(), &[]);
 
     let closed = summary(&bench(&[
         "--target",

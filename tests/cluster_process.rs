@@ -2,6 +2,10 @@
 //! the orders, stock items and payments, reachable through any gateway.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{SECRET, token};
+
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -9,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SECRET: &str = "cluster-test-secret-that-is-long-enough-0123456789";
 const COOKIE: &str = "cluster-test-cookie";
 
 fn free_port() -> u16 {
@@ -69,16 +72,6 @@ fn start(spec: &Spec, all: &[Spec], cookie: &str) -> Node {
     let base = first.split_once("listening on ").map(|(_, url)| url.trim().to_owned());
     std::thread::spawn(move || for _ in lines {});
     Node { child, base }
-}
-
-fn token(sub: &str, role: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
-        .args(["token", "--sub", sub, "--role", role, "--ttl", "1h"])
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn specs(root: &Path, roles: &[(&str, &str, bool)]) -> Vec<Spec> {

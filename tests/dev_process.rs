@@ -2,61 +2,16 @@
 //! after a restart; SIGTERM drains and exits 0.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{start_dev, token};
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-const SECRET: &str = "process-test-secret-that-is-long-enough-0123456789";
-
-struct Dev {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Dev {
-    /// A failed assertion must not leave a server running (it would hold the test's pipes).
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `ordermesh dev` on a free port and waits for its banner.
-fn start_dev(data_dir: &Path) -> Dev {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
-        .args(["dev", "--http", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .env("ORDERMESH_PAYMENT_DEADLINE_MS", "1500")
-        .env("ORDERMESH_PAYMENT_CALL_TIMEOUT_MS", "200")
-        .env("ORDERMESH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let base = loop {
-        let line = lines.next().expect("dev exited before printing its address").unwrap();
-        if let Some(url) = line.trim().strip_prefix("listening on ") {
-            break url.to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Dev { child, base }
-}
-
-fn token(sub: &str, role: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
-        .args(["token", "--sub", sub, "--role", role, "--ttl", "1h"])
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+/// Short payment deadlines, so `tok_timeout` orders finish within the test.
+const FAST_PAYMENTS: &[(&str, &str)] =
+    &[("ORDERMESH_PAYMENT_DEADLINE_MS", "1500"), ("ORDERMESH_PAYMENT_CALL_TIMEOUT_MS", "200")];
 
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status().unwrap();
@@ -70,7 +25,7 @@ async fn acknowledged_orders_survive_kill_nine_and_finish_after_restart() {
     let admin = token("proc-admin", "admin");
     let http = reqwest::Client::new();
 
-    let mut dev = start_dev(dir.path());
+    let mut dev = start_dev(dir.path(), FAST_PAYMENTS);
     let mut accepted = Vec::new();
     let tokens = ["tok_visa", "tok_flaky", "tok_chargeDeclined", "tok_timeout", "tok_visa"];
     let deadline = Instant::now() + Duration::from_millis(1500);
@@ -92,7 +47,7 @@ async fn acknowledged_orders_survive_kill_nine_and_finish_after_restart() {
     dev.child.wait().unwrap();
     assert!(accepted.len() >= 10, "only {} orders accepted", accepted.len());
 
-    let mut dev = start_dev(dir.path());
+    let mut dev = start_dev(dir.path(), FAST_PAYMENTS);
     let started = Instant::now();
     for id in &accepted {
         loop {
@@ -119,12 +74,12 @@ async fn acknowledged_orders_survive_kill_nine_and_finish_after_restart() {
 #[test]
 fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = start_dev(dir.path());
+    let mut dev = start_dev(dir.path(), FAST_PAYMENTS);
     signal(&dev.child, "TERM");
     let status = dev.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     // A restart on the same data dir finds the stores intact (and does not seed twice).
-    let mut again = start_dev(dir.path());
+    let mut again = start_dev(dir.path(), FAST_PAYMENTS);
     signal(&again.child, "TERM");
     assert!(again.child.wait().unwrap().success());
 }
@@ -132,7 +87,7 @@ fn sigterm_drains_and_exits_zero() {
 #[test]
 fn healthcheck_reports_readiness() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = start_dev(dir.path());
+    let mut dev = start_dev(dir.path(), FAST_PAYMENTS);
     let addr = dev.base.trim_start_matches("http://").to_owned();
     let ok = Command::new(env!("CARGO_BIN_EXE_ordermesh")).args(["healthcheck", "--http", &addr]).status().unwrap();
     assert!(ok.success());
