@@ -14,6 +14,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// sled 0.34 copies and frees a tree node on every write: with glibc's malloc a fifth of the
+/// saga's CPU went to the allocator (perf); mimalloc roughly halves that (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "ordermesh", version, about = "Order processing on a durable actor runtime.")]
 struct Cli {

@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ordermesh_storage::{Append, Store, StoreOptions, WriteBatch};
 
+/// The allocator of the `ordermesh` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// About the size of an encoded domain event.
 const EVENT: &[u8] = &[42u8; 96];
 

@@ -1,7 +1,7 @@
 //! Key layout of the single sled tree (see the crate docs for the table).
 //!
 //! Every key starts with a one-letter keyspace tag and a 0x00 separator, so one ordered tree holds
-//! every kind of record and a whole commit group is one atomic `apply_batch`. Entity names may not
+//! every kind of record and a commit group is one run of writes to it. Entity names may not
 //! contain 0x00: that keeps `e\0<entity>\0<seq>` unambiguous (no entity's events fall inside
 //! another entity's key range) and lets a range scan stop at `e\0<entity>\x01`.
 

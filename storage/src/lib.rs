@@ -10,14 +10,19 @@
 //!   encoding values, so the committer thread does not), and every read.
 //! - `committer`: group commit, a two-stage pipeline on two threads. The *committer* takes every
 //!   queued [`WriteBatch`], checks versions and claims (also against earlier batches of the same
-//!   group), and applies the accepted ones as one atomic sled batch; the *syncer* then flushes
-//!   sled and fsyncs the files for real (sled 0.34's flush only calls `sync_file_range`), one
+//!   group), applies the accepted ones to sled and encodes them as one write-ahead log record;
+//!   the *syncer* appends the records to the log (`wal`) and fsyncs it, one
 //!   round for every group applied meanwhile, and only then acknowledges the waiters and
-//!   publishes the durable outbox watermark.
+//!   publishes the durable outbox watermark. Twice a second it checkpoints: flushes sled, fsyncs
+//!   sled's files and starts a new log segment, deleting the old ones.
+//! - `wal`: the write-ahead log (`<dir>/wal/`), checksummed records of whole commit groups,
+//!   replayed at open over what sled recovered (each group writes its number, `m\0commit_seq`,
+//!   last). Why our own log: sled 0.34 makes a batch durable only through its flush, and every
+//!   atomic batch writes its I/O buffer; through sled, durability cost most of the CPU.
 //! - `keys`: the key layout below.
 //!
 //! One store is one sled database in its own directory, holding one tree. Every key starts with a
-//! keyspace tag and 0x00, so a whole commit group is a single atomic `apply_batch`:
+//! keyspace tag and 0x00, so a commit group is one run of writes to one tree:
 //!
 //! | key                          | value                                         |
 //! |------------------------------|-----------------------------------------------|
@@ -37,12 +42,13 @@
 //! one with every append cost about a third of the write path's CPU inside sled (measured with
 //! the `group_commit` bench), and the committer caches versions anyway.
 //!
-//! Besides sled's own files (`db`, `conf`, `blobs/`, `snap.*`), the directory holds the file
+//! Besides sled's own files (`db`, `conf`, `blobs/`, `snap.*`) and the log (`wal/`), the directory holds the file
 //! `ORDERMESH_STORE`, written once a new store is durable and then rewritten (atomically) at each
 //! clean close and once a second while commits flow, with the number of commit groups known to be
 //! durable (`m\0commit_seq` counts them inside the database). sled recovers a log that has a
 //! corrupt record as if the log ended there, silently; so opening a store whose database lacks the
-//! `m\0layout` marker, or holds fewer commit groups than the sentinel file says, is an error
+//! `m\0layout` marker, or holds fewer commit groups (after the log's replay) than the sentinel
+//! file says, or whose log has a gap or a damaged record before its tail, is an error
 //! instead of a silently empty or shorter store.
 
 pub mod codec;
@@ -50,6 +56,7 @@ mod committer;
 mod error;
 mod keys;
 mod store;
+mod wal;
 
 pub use error::StorageError;
 pub use store::{
