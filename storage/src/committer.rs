@@ -30,8 +30,6 @@
 //! is poisoned (see [`StorageError::Poisoned`]).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -41,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::checkpoint::{Checkpointer, Checkpoints};
 use crate::codec;
 use crate::error::StorageError;
 use crate::keys;
@@ -501,27 +500,18 @@ pub(crate) fn apply_changes(db: &sled::Db, changes: Vec<Change>) -> sled::Result
     Ok(())
 }
 
-/// The syncer: log + fsync + acknowledgements, and checkpoints.
+/// The syncer: log + fsync + acknowledgements; asks for checkpoints.
 struct Syncer {
-    db: sled::Db,
     shared: Arc<Shared>,
     fsync: bool,
     /// The write-ahead log: a round is durable once its records are appended and synced here.
     wal: Wal,
-    /// sled's log file. sled 0.34's flush only calls `sync_file_range`, which neither makes the
-    /// file's metadata durable nor flushes the disk's write cache; this handle gets the real fsync.
-    db_file: fs::File,
     dir: PathBuf,
-    /// Blob files (values too large for the log, in `<dir>/blobs`) already fsynced. sled writes
-    /// them once and never syncs them.
-    synced_blobs: HashSet<OsString>,
+    checkpoints: Checkpoints,
     /// The commit-group count last written to the sentinel file, and when.
     sentinel: (u64, Instant),
-    /// The count covered by the last checkpoint (durable in sled's own files), and when.
-    checkpointed: (u64, Instant),
     /// The count covered by the last successful log sync.
     durable_seq: u64,
-    flush_gate: Arc<Mutex<()>>,
     /// When the last round's waiters were answered, how many, and the moving average of a
     /// round's time (see `gather`).
     acked_at: Instant,
@@ -533,8 +523,7 @@ struct Syncer {
 
 impl Syncer {
     /// At open: makes whatever recovery found (sled's state plus the replayed log) durable in
-    /// sled's files, with their directory entries (sled never fsyncs the directory), then starts
-    /// a fresh log after `commit_seq`, deleting the replayed one.
+    /// sled's files, then starts a fresh log after `commit_seq`, deleting the replayed one.
     fn new(
         db: sled::Db,
         shared: Arc<Shared>,
@@ -543,49 +532,40 @@ impl Syncer {
         flush_gate: Arc<Mutex<()>>,
     ) -> io::Result<Syncer> {
         let dir = shared.path.clone();
-        let db_file = fs::File::open(dir.join("db"))?;
+        let mut checkpointer = Checkpointer::new(db, shared.clone(), fsync, flush_gate)?;
+        checkpointer.sync_at_open()?;
+        let wal = Wal::start(&dir.join(WAL_DIR), commit_seq + 1)?;
+        wal::delete_before(&dir.join(WAL_DIR), commit_seq + 1)?;
         let label = shared.name.clone();
-        let mut syncer = Syncer {
+        Ok(Syncer {
             fsync_seconds: metrics::histogram!("storage_fsync_seconds", "store" => label.clone()),
             commits: metrics::counter!("storage_commits_total", "store" => label),
-            wal: Wal::start(&dir.join(WAL_DIR), commit_seq + 1)?,
-            db,
+            wal,
             shared,
             fsync,
-            db_file,
             dir,
-            synced_blobs: HashSet::new(),
+            checkpoints: Checkpoints::new(checkpointer, commit_seq),
             sentinel: (commit_seq, Instant::now()),
-            checkpointed: (commit_seq, Instant::now()),
             durable_seq: commit_seq,
-            flush_gate,
             acked_at: Instant::now(),
             last_round: 0,
             round_avg: Duration::ZERO,
-        };
-        syncer.sync_sled()?;
-        syncer.wal.delete_before(commit_seq + 1)?;
-        if fsync {
-            let mut count = 0;
-            let conf = syncer.dir.join("conf");
-            if conf.exists() {
-                fs::File::open(conf)?.sync_all()?;
-                count += 1;
-            }
-            fs::File::open(&syncer.dir)?.sync_all()?;
-            syncer.shared.fsyncs.fetch_add(count + 1, Ordering::Relaxed);
-        }
-        Ok(syncer)
+        })
     }
 
     /// The syncer thread's body.
     fn run(mut self, groups: mpsc::Receiver<SyncMessage>) {
+        if let Err(e) = self.checkpoints.start(&self.shared.name) {
+            let cause = format!("cannot start the checkpoint thread: {e}");
+            tracing::error!(store = %self.shared.name, error = %cause, "store unusable");
+            let _ = self.shared.poisoned.set(cause);
+        }
         loop {
             let mut round = Vec::new();
             let mut close = None;
-            let message = if self.checkpointed.0 != self.durable_seq {
+            let message = if self.checkpoints.requested != self.durable_seq {
                 // Something is only in the log: wake up for the checkpoint even if idle.
-                let wait = CHECKPOINT_EVERY.saturating_sub(self.checkpointed.1.elapsed());
+                let wait = CHECKPOINT_EVERY.saturating_sub(self.checkpoints.requested_at.elapsed());
                 match groups.recv_timeout(wait) {
                     Ok(message) => Some(message),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -737,79 +717,28 @@ impl Syncer {
         Ok(())
     }
 
-    /// Checkpoints when it is time (or the log grew large) and something is only in the log.
+    /// Asks for a checkpoint when it is time (or the log grew large), something is only in the
+    /// log, and no checkpoint is running. New records go to a new segment from here on; the
+    /// checkpoint deletes the older ones once sled's files hold what they held.
     fn maybe_checkpoint(&mut self) {
-        let due = self.checkpointed.1.elapsed() >= CHECKPOINT_EVERY || self.wal.segment_bytes >= CHECKPOINT_BYTES;
-        if self.checkpointed.0 == self.durable_seq || !due || self.shared.poisoned.get().is_some() {
+        let checkpoints = &self.checkpoints;
+        let due = checkpoints.requested_at.elapsed() >= CHECKPOINT_EVERY || self.wal.segment_bytes >= CHECKPOINT_BYTES;
+        if checkpoints.requested == self.durable_seq
+            || !due
+            || checkpoints.busy()
+            || self.shared.poisoned.get().is_some()
+        {
             return;
         }
-        if let Err(cause) = self.checkpoint() {
+        let requested = self
+            .wal
+            .next_segment(self.durable_seq + 1)
+            .map_err(|e| format!("start log segment in {}: {e}", self.dir.display()))
+            .and_then(|()| self.checkpoints.request(self.durable_seq));
+        if let Err(cause) = requested {
             tracing::error!(store = %self.shared.name, error = %cause, "checkpoint failed; store poisoned");
             let _ = self.shared.poisoned.set(cause);
         }
-    }
-
-    /// Makes every group the log holds durable in sled's own files, then starts a new log
-    /// segment and deletes the old ones. Every group handed to this thread so far was applied
-    /// before the flush starts, so the flush covers them all.
-    fn checkpoint(&mut self) -> Result<(), String> {
-        let seq = self.durable_seq;
-        self.sync_sled().map_err(|e| format!("checkpoint {}: {e}", self.dir.display()))?;
-        self.wal.rotate(seq + 1).map_err(|e| format!("start log segment in {}: {e}", self.dir.display()))?;
-        self.checkpointed = (seq, Instant::now());
-        Ok(())
-    }
-
-    /// sled flush (writes sled's buffers to its file), then the real fsync of its files.
-    fn sync_sled(&mut self) -> io::Result<()> {
-        {
-            let _gate = self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner);
-            self.db.flush().map_err(io::Error::from)?;
-        }
-        if !self.fsync {
-            return Ok(());
-        }
-        // fdatasync: the data and the file size, not the mtime.
-        self.db_file.sync_data()?;
-        let blobs = self.sync_new_blobs()?;
-        self.shared.fsyncs.fetch_add(1 + blobs, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// fsyncs blob files written since the last call, and the blobs directory if there were any.
-    /// Returns the number of fsync calls. Blobs are rare (values over ~128 KiB), so this is one
-    /// readdir of an empty directory per round in practice.
-    fn sync_new_blobs(&mut self) -> io::Result<u64> {
-        let blob_dir = self.dir.join("blobs");
-        let entries = match fs::read_dir(&blob_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let mut present = HashSet::new();
-        let mut count = 0;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                match fs::File::open(entry.path()) {
-                    Ok(file) => {
-                        file.sync_all()?;
-                        count += 1;
-                    }
-                    // Removed by sled's GC between readdir and open: nothing to sync.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            present.insert(name);
-        }
-        if count > 0 {
-            fs::File::open(&blob_dir)?.sync_all()?;
-            count += 1;
-        }
-        self.synced_blobs = present;
-        Ok(count)
     }
 
     /// Records the durable commit-group count in the sentinel file. A failure only weakens the
@@ -837,7 +766,10 @@ impl Syncer {
             return Err(e);
         }
         self.durable_seq = self.durable_seq.max(commit_seq);
-        self.checkpoint().map_err(|cause| self.shared.io_error("close", cause))?;
+        let first_kept = self.durable_seq + 1;
+        self.wal.next_segment(first_kept).map_err(|e| self.shared.io_error("close", e))?;
+        let checkpointer = self.checkpoints.stop().map_err(|cause| self.shared.io_error("close", cause))?;
+        checkpointer.checkpoint(first_kept).map_err(|e| self.shared.io_error("close", e))?;
         crate::store::write_sentinel(&self.dir, self.durable_seq).map_err(|e| self.shared.io_error("close", e))?;
         self.shared.fsyncs.fetch_add(2, Ordering::Relaxed);
         self.sentinel = (self.durable_seq, Instant::now());

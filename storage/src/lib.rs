@@ -51,6 +51,7 @@
 //! file says, or whose log has a gap or a damaged record before its tail, is an error
 //! instead of a silently empty or shorter store.
 
+mod checkpoint;
 pub mod codec;
 mod committer;
 mod error;

@@ -94,7 +94,7 @@ fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 impl Wal {
     /// Starts a new, empty segment for records from `first_seq` on and makes its directory
-    /// entry durable. Older segments stay until [`Wal::delete_before`].
+    /// entry durable. Older segments stay until [`delete_before`].
     pub(crate) fn start(dir: &Path, first_seq: u64) -> io::Result<Wal> {
         fs::create_dir_all(dir)?;
         let path = dir.join(segment_name(first_seq));
@@ -103,26 +103,10 @@ impl Wal {
         Ok(Wal { dir: dir.to_path_buf(), file, segment_bytes: 0 })
     }
 
-    /// Switches to a new segment starting at `first_seq` and deletes the older ones: the caller
-    /// guarantees that everything before `first_seq` is durable elsewhere (in sled, after a
-    /// checkpoint).
-    pub(crate) fn rotate(&mut self, first_seq: u64) -> io::Result<()> {
+    /// Switches to a new segment for records from `first_seq` on; the older ones stay until a
+    /// checkpoint deletes them ([`delete_before`]).
+    pub(crate) fn next_segment(&mut self, first_seq: u64) -> io::Result<()> {
         *self = Wal::start(&self.dir, first_seq)?;
-        self.delete_before(first_seq)
-    }
-
-    /// Deletes the segments older than `first_seq`'s (see [`Wal::rotate`]).
-    pub(crate) fn delete_before(&self, first_seq: u64) -> io::Result<()> {
-        let mut deleted = false;
-        for (first, path) in segments(&self.dir)? {
-            if first < first_seq {
-                fs::remove_file(path)?;
-                deleted = true;
-            }
-        }
-        if deleted {
-            fs::File::open(&self.dir)?.sync_all()?;
-        }
         Ok(())
     }
 
@@ -137,6 +121,22 @@ impl Wal {
     pub(crate) fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// Deletes the segments older than the one starting at `first_seq`: the caller guarantees that
+/// everything before `first_seq` is durable elsewhere (in sled's files, after a checkpoint).
+pub(crate) fn delete_before(dir: &Path, first_seq: u64) -> io::Result<()> {
+    let mut deleted = false;
+    for (first, path) in segments(dir)? {
+        if first < first_seq {
+            fs::remove_file(path)?;
+            deleted = true;
+        }
+    }
+    if deleted {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Why a log could not be replayed.
@@ -274,7 +274,7 @@ mod tests {
         let mut wal = Wal::start(dir.path(), 4).unwrap();
         wal.append(&frame(&record(4)).unwrap()).unwrap();
         assert_eq!(replayed(dir.path(), 0).unwrap(), vec![1, 2, 3, 4]);
-        wal.delete_before(4).unwrap();
+        delete_before(dir.path(), 4).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
         assert_eq!(replayed(dir.path(), 3).unwrap(), vec![4]);
     }

@@ -18,7 +18,7 @@ pub mod remote;
 use crate::provider::PaymentProvider;
 use events::IntegrationEvent;
 use inventory::{InventoryDeps, InventoryService, StockEntity};
-use order::{OrderDeps, OrderEntity, OrderService};
+use order::{LiveOrders, OrderDeps, OrderEntity, OrderService};
 use ordermesh_runtime::cluster::Cluster;
 use ordermesh_runtime::relay::{RelayOptions, run_relay};
 use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router, RouterHandle};
@@ -243,11 +243,17 @@ impl Services {
         };
         let payments = PaymentService::new(payment_local, settings.clone(), placement.clone());
 
+        let live_orders = LiveOrders::default();
         let order_local = match &order_store {
             Some(store) => {
                 let router = Router::<OrderEntity>::start(
                     hosting("order"),
-                    OrderDeps { store: store.clone(), inventory: inventory.clone(), settings: settings.clone() },
+                    OrderDeps {
+                        store: store.clone(),
+                        inventory: inventory.clone(),
+                        settings: settings.clone(),
+                        live: live_orders.clone(),
+                    },
                 )
                 .await
                 .map_err(actor_err("order"))?;
@@ -255,7 +261,7 @@ impl Services {
             }
             None => None,
         };
-        let orders = OrderService::new(order_local, inventory.clone(), settings.clone(), placement);
+        let orders = OrderService::new(order_local, live_orders, inventory.clone(), settings.clone(), placement);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut background = JoinSet::new();

@@ -83,11 +83,41 @@ pub struct OrderDeps {
     pub store: Store,
     pub inventory: InventoryService,
     pub settings: Arc<Settings>,
+    pub live: LiveOrders,
+}
+
+/// The state of every order whose entity is in memory, as of its last durable change. Clients
+/// poll an order until it is confirmed: answering from here costs no store read (a sled range
+/// scan cost as much CPU as a tenth of the whole saga) and no message to a busy entity.
+#[derive(Clone, Default)]
+pub struct LiveOrders(Arc<std::sync::Mutex<std::collections::HashMap<OrderId, Order>>>);
+
+impl LiveOrders {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<OrderId, Order>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, id: OrderId) -> Option<Order> {
+        self.map().get(&id).cloned()
+    }
+
+    fn set(&self, order: &Order) {
+        self.map().insert(order.id, order.clone());
+    }
+
+    /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
+    fn forget(&self, order: &Order) {
+        let mut map = self.map();
+        if map.get(&order.id).is_some_and(|live| live.version == order.version) {
+            map.remove(&order.id);
+        }
+    }
 }
 
 pub struct OrderEntity {
     id: OrderId,
     order: Option<Order>,
+    live: LiveOrders,
     deadline_timer: Option<JoinHandle<()>>,
     /// A retry of the current saga step is scheduled (inventory was unreachable).
     retry: Option<JoinHandle<()>>,
@@ -99,6 +129,9 @@ impl Drop for OrderEntity {
         for timer in [self.deadline_timer.take(), self.retry.take()].into_iter().flatten() {
             timer.abort();
         }
+        if let Some(order) = &self.order {
+            self.live.forget(order);
+        }
     }
 }
 
@@ -109,7 +142,10 @@ impl Entity for OrderEntity {
     async fn activate(key: &str, deps: &OrderDeps) -> Result<Self, ActorProcessingErr> {
         let id = OrderId::parse(key)?;
         let order = load_order(&deps.store, id)?;
-        Ok(Self { id, order, deadline_timer: None, retry: None, retry_attempt: 0 })
+        if let Some(order) = &order {
+            deps.live.set(order);
+        }
+        Ok(Self { id, order, live: deps.live.clone(), deadline_timer: None, retry: None, retry_attempt: 0 })
     }
 
     fn on_activated(&mut self, ctx: &EntityContext<Self>) {
@@ -450,6 +486,9 @@ impl OrderEntity {
             index_changes(before.as_ref(), after, &mut batch);
         }
         deps.store.commit(batch).await?;
+        if let Some(order) = &after {
+            deps.live.set(order);
+        }
         self.order = after;
         Ok(())
     }
@@ -628,6 +667,7 @@ pub struct OrderPage {
 pub struct OrderService {
     /// This node's router and store (`None` on a node that does not host orders).
     local: Option<(RouterHandle<OrderMsg>, Store)>,
+    live: LiveOrders,
     inventory: InventoryService,
     settings: Arc<Settings>,
     placement: Placement,
@@ -636,11 +676,12 @@ pub struct OrderService {
 impl OrderService {
     pub(crate) fn new(
         local: Option<(RouterHandle<OrderMsg>, Store)>,
+        live: LiveOrders,
         inventory: InventoryService,
         settings: Arc<Settings>,
         placement: Placement,
     ) -> Self {
-        Self { local, inventory, settings, placement }
+        Self { local, live, inventory, settings, placement }
     }
 
     fn local(&self) -> Result<&(RouterHandle<OrderMsg>, Store), ServiceError> {
@@ -781,9 +822,14 @@ impl OrderService {
         Ok(self.read(id)?.filter(|o| requester.may_see(o)))
     }
 
-    /// Reads the order from the store (every persisted change; no actor is activated).
+    /// The order as of its last durable change: from its live entity if it has one, else from
+    /// the store (no actor is activated).
     fn read(&self, id: OrderId) -> Result<Option<Order>, ServiceError> {
-        load_order(self.store()?, id)
+        let store = self.store()?;
+        match self.live.get(id) {
+            Some(order) => Ok(Some(order)),
+            None => load_order(store, id),
+        }
     }
 
     pub async fn cancel(&self, id: OrderId, requester: &Requester) -> Result<CancelOutcome, ServiceError> {

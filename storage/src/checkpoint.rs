@@ -1,0 +1,220 @@
+//! Checkpoints: making sled's own files durable, after which the write-ahead log before that
+//! point is redundant and deleted.
+//!
+//! Why a thread of its own: a checkpoint's fsync of sled's file writes back everything sled wrote
+//! since the last one (tens of MiB under load) and took hundreds of milliseconds; done by the
+//! syncer, it held every commit of the store for that long. Here the syncer only starts a new log
+//! segment and asks; commits go on being logged and acknowledged meanwhile.
+//!
+//! Every group the syncer has logged when it asks was applied to sled before that, so the sled
+//! flush that starts afterwards covers them all.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::store::Shared;
+use crate::wal;
+
+/// Does the checkpoints of one store.
+pub(crate) struct Checkpointer {
+    db: sled::Db,
+    shared: Arc<Shared>,
+    fsync: bool,
+    /// sled's log file. sled 0.34's flush only calls `sync_file_range`, which neither makes the
+    /// file's metadata durable nor flushes the disk's write cache; this handle gets the real fsync.
+    db_file: fs::File,
+    dir: PathBuf,
+    /// Blob files (values too large for the log, in `<dir>/blobs`) already fsynced. sled writes
+    /// them once and never syncs them.
+    synced_blobs: HashSet<OsString>,
+    /// Held while sled flushes (see `Committer::run`).
+    flush_gate: Arc<Mutex<()>>,
+    seconds: metrics::Histogram,
+}
+
+impl Checkpointer {
+    pub(crate) fn new(
+        db: sled::Db,
+        shared: Arc<Shared>,
+        fsync: bool,
+        flush_gate: Arc<Mutex<()>>,
+    ) -> io::Result<Checkpointer> {
+        let dir = shared.path.clone();
+        Ok(Checkpointer {
+            db_file: fs::File::open(dir.join("db"))?,
+            seconds: metrics::histogram!("storage_checkpoint_seconds", "store" => shared.name.clone()),
+            db,
+            shared,
+            fsync,
+            dir,
+            synced_blobs: HashSet::new(),
+            flush_gate,
+        })
+    }
+
+    /// At open: makes what recovery found durable, with the directory entries of sled's files
+    /// (sled never fsyncs the directory, so a fresh store's files could vanish on power loss even
+    /// after their contents were synced).
+    pub(crate) fn sync_at_open(&mut self) -> io::Result<()> {
+        self.sync_sled()?;
+        if self.fsync {
+            let conf = self.dir.join("conf");
+            if conf.exists() {
+                fs::File::open(conf)?.sync_all()?;
+                self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            fs::File::open(&self.dir)?.sync_all()?;
+            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Makes sled's files durable, then deletes the log segments before `first_kept`.
+    pub(crate) fn checkpoint(&mut self, first_kept: u64) -> io::Result<()> {
+        let started = Instant::now();
+        self.sync_sled()?;
+        wal::delete_before(&self.dir.join(wal::WAL_DIR), first_kept)?;
+        self.seconds.record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// sled flush (writes sled's buffers to its file), then the real fsync of its files.
+    fn sync_sled(&mut self) -> io::Result<()> {
+        {
+            let _gate = self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner);
+            self.db.flush().map_err(io::Error::from)?;
+        }
+        if !self.fsync {
+            return Ok(());
+        }
+        // fdatasync: the data and the file size, not the mtime.
+        self.db_file.sync_data()?;
+        let blobs = self.sync_new_blobs()?;
+        self.shared.fsyncs.fetch_add(1 + blobs, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// fsyncs blob files written since the last call, and the blobs directory if there were any.
+    /// Returns the number of fsync calls. Blobs are rare (values over ~128 KiB), so this is one
+    /// readdir of an empty directory per checkpoint in practice.
+    fn sync_new_blobs(&mut self) -> io::Result<u64> {
+        let blob_dir = self.dir.join("blobs");
+        let entries = match fs::read_dir(&blob_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut count = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match fs::File::open(entry.path()) {
+                    Ok(file) => {
+                        file.sync_all()?;
+                        count += 1;
+                    }
+                    // Removed by sled's GC between readdir and open: nothing to sync.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            present.insert(name);
+        }
+        if count > 0 {
+            fs::File::open(&blob_dir)?.sync_all()?;
+            count += 1;
+        }
+        self.synced_blobs = present;
+        Ok(count)
+    }
+}
+
+/// The syncer's side: at most one checkpoint in flight, on the checkpoint thread once started.
+pub(crate) struct Checkpoints {
+    /// Before `start` (and in unit tests): checkpoints run on the caller's thread.
+    inline: Option<Box<Checkpointer>>,
+    thread: Option<(mpsc::Sender<u64>, JoinHandle<Box<Checkpointer>>)>,
+    /// The commit-group count the last finished checkpoint covers.
+    done: Arc<AtomicU64>,
+    /// The count the last requested one covers, and when it was requested.
+    pub(crate) requested: u64,
+    pub(crate) requested_at: Instant,
+}
+
+impl Checkpoints {
+    pub(crate) fn new(checkpointer: Checkpointer, commit_seq: u64) -> Checkpoints {
+        Checkpoints {
+            inline: Some(Box::new(checkpointer)),
+            thread: None,
+            done: Arc::new(AtomicU64::new(commit_seq)),
+            requested: commit_seq,
+            requested_at: Instant::now(),
+        }
+    }
+
+    /// Moves the checkpointer onto a thread of its own.
+    pub(crate) fn start(&mut self, name: &str) -> io::Result<()> {
+        let Some(mut checkpointer) = self.inline.take() else { return Ok(()) };
+        let (sender, requests) = mpsc::channel::<u64>();
+        let done = self.done.clone();
+        let spawned = std::thread::Builder::new().name(format!("storage-ckpt-{name}")).spawn(move || {
+            for seq in requests {
+                if let Err(e) = checkpointer.checkpoint(seq + 1) {
+                    let cause = format!("checkpoint {}: {e}", checkpointer.dir.display());
+                    tracing::error!(store = %checkpointer.shared.name, error = %cause, "checkpoint failed; store poisoned");
+                    let _ = checkpointer.shared.poisoned.set(cause);
+                    break;
+                }
+                done.store(seq, Ordering::Release);
+            }
+            checkpointer
+        });
+        match spawned {
+            Ok(thread) => {
+                self.thread = Some((sender, thread));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A checkpoint is running.
+    pub(crate) fn busy(&self) -> bool {
+        self.done.load(Ordering::Acquire) < self.requested
+    }
+
+    /// Asks for a checkpoint covering every group up to `seq`, whose log records are all in
+    /// segments before `seq + 1`'s. Inline, runs it now; the error poisons the store.
+    pub(crate) fn request(&mut self, seq: u64) -> Result<(), String> {
+        self.requested = seq;
+        self.requested_at = Instant::now();
+        if let Some((sender, _)) = &self.thread {
+            return sender.send(seq).map_err(|_| "checkpoint thread is gone".to_owned());
+        }
+        if let Some(checkpointer) = &mut self.inline {
+            checkpointer.checkpoint(seq + 1).map_err(|e| format!("checkpoint: {e}"))?;
+            self.done.store(seq, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Waits for the checkpoint in flight and stops the thread; returns the checkpointer for a
+    /// final checkpoint on the caller's thread.
+    pub(crate) fn stop(&mut self) -> Result<&mut Checkpointer, String> {
+        if let Some((sender, thread)) = self.thread.take() {
+            drop(sender);
+            let checkpointer = thread.join().map_err(|_| "checkpoint thread panicked".to_owned())?;
+            self.inline = Some(checkpointer);
+        }
+        self.inline.as_deref_mut().ok_or_else(|| "no checkpointer".to_owned())
+    }
+}
