@@ -86,10 +86,6 @@ impl Entity for StockEntity {
 impl StockEntity {
     async fn persist(&mut self, deps: &InventoryDeps, events: &[StockEvent]) -> Result<(), ActorProcessingErr> {
         let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
-        let mut next = self.item.clone();
-        for e in events {
-            next.apply(e);
-        }
         let new_version = self.version + events.len() as u64;
         let mut batch = WriteBatch {
             appends: vec![Append { entity: self.sku.to_string(), expected_version: self.version, events: encoded }],
@@ -98,11 +94,16 @@ impl StockEntity {
         let since = self.events_since_snapshot + events.len() as u64;
         let snapshot_due = since >= deps.settings.snapshot_every;
         if snapshot_due {
-            let bytes = codec::encode(&StockSnapshot { item: next.clone() })?;
+            // Only here the next state is needed before the commit: an item holds one entry per
+            // order it ever served, and cloning it on every reserve cost O(orders) per order.
+            let mut next = self.item.clone();
+            events.iter().for_each(|e| next.apply(e));
+            let bytes = codec::encode(&StockSnapshot { item: next })?;
             batch.snapshots.push(Snapshot { entity: self.sku.to_string(), seq: new_version, bytes });
         }
         deps.store.commit(batch).await?;
-        self.item = next;
+        // Durable: now the state may change.
+        events.iter().for_each(|e| self.item.apply(e));
         self.version = new_version;
         self.events_since_snapshot = if snapshot_due { 0 } else { since };
         Ok(())
