@@ -47,7 +47,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_batch_writes: 4096, fsync: true, cache_bytes: 128 * 1024 * 1024 }
+        StoreOptions { max_batch_writes: 4096, fsync: true, cache_bytes: 64 * 1024 * 1024 }
     }
 }
 

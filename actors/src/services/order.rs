@@ -159,6 +159,10 @@ impl Entity for OrderEntity {
         self.order.as_ref().is_none_or(|o| o.next_step() == SagaStep::Done)
     }
 
+    fn finished(&self) -> bool {
+        self.can_passivate()
+    }
+
     async fn handle(&mut self, msg: OrderMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
         match msg {
             OrderMsg::Place { request, reply } => {

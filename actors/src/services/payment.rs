@@ -101,6 +101,10 @@ impl Entity for PaymentEntity {
         self.task.is_none()
     }
 
+    fn finished(&self) -> bool {
+        self.task.is_none() && self.payment.as_ref().is_none_or(|p| p.next_step() == PaymentStep::Done)
+    }
+
     async fn handle(&mut self, msg: PaymentMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
         let deps = ctx.deps();
         match msg {
