@@ -104,13 +104,22 @@ pub struct Cluster {
     pub cookie: String,
     /// Extra flags of every node started from now on.
     pub args: Vec<String>,
+    /// Extra environment of every node started from now on (after [`NODE_ENV`]).
+    pub env: Vec<(String, String)>,
     nodes: BTreeMap<String, Node>,
 }
 
 impl Cluster {
     /// The members of `specs`, none started yet.
     pub fn new(bin: &Path, specs: Vec<Spec>) -> Cluster {
-        Cluster { bin: bin.to_owned(), specs, cookie: COOKIE.to_owned(), args: vec![], nodes: BTreeMap::new() }
+        Cluster {
+            bin: bin.to_owned(),
+            specs,
+            cookie: COOKIE.to_owned(),
+            args: vec![],
+            env: vec![],
+            nodes: BTreeMap::new(),
+        }
     }
 
     /// Starts every member of `specs` (not waiting for readiness: see [`Api::wait_ready`]).
@@ -171,6 +180,7 @@ impl Cluster {
             .env("ORDERMESH_CLUSTER_COOKIE", &self.cookie)
             .env("ORDERMESH_LOG", std::env::var("ORDERMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(NODE_ENV.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(if std::env::var_os("ORDERMESH_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() });
@@ -225,6 +235,7 @@ impl Cluster {
 }
 
 /// An HTTP client for the cluster's gateways, with an admin and a customer token.
+#[derive(Clone)]
 pub struct Api {
     pub http: reqwest::Client,
     pub admin: String,
@@ -438,4 +449,84 @@ pub fn owner(service: &str, key: &str, members: &[String]) -> String {
 /// `count` sku names owned by `node` among the inventory `members`.
 pub fn skus_owned_by(node: &str, members: &[String], count: usize) -> Vec<String> {
     (0..).map(|i| format!("sku-{i}")).filter(|sku| owner("inventory", sku, members) == node).take(count).collect()
+}
+
+/// One order placement of a [`Load`].
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub at: Instant,
+    pub took: Duration,
+    /// HTTP status; 0 when no answer came (connection refused, timeout).
+    pub status: u16,
+    pub retry_after: bool,
+    /// The order id, on a 202.
+    pub id: Option<String>,
+    pub items: Vec<(String, u32)>,
+    pub base: String,
+}
+
+/// Closed-loop order placements by a few workers, round robin over gateways, until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Attempt>>>,
+}
+
+/// What a load worker orders: `(worker, n-th order) -> lines`.
+pub type Pick = std::sync::Arc<dyn Fn(usize, u64) -> Vec<(String, u32)> + Send + Sync>;
+
+impl Load {
+    pub fn start(api: &Api, bases: Vec<String>, workers: usize, pick: Pick) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|w| {
+                let (api, bases, pick, stop) = (api.clone(), bases.clone(), pick.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut log = Vec::new();
+                    for n in 0u64.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let base = bases[(w + n as usize) % bases.len()].clone();
+                        let items = pick(w, n);
+                        let lines: Vec<(&str, u32)> = items.iter().map(|(s, q)| (s.as_str(), *q)).collect();
+                        let at = Instant::now();
+                        let sent = api
+                            .http
+                            .post(format!("{base}/v1/orders"))
+                            .bearer_auth(&api.customer)
+                            .json(&order_body(&lines))
+                            .send()
+                            .await;
+                        let (status, retry_after, id) = match sent {
+                            Ok(response) => {
+                                let status = response.status().as_u16();
+                                let retry_after = response.headers().contains_key("retry-after");
+                                let body: Value = response.json().await.unwrap_or(Value::Null);
+                                (status, retry_after, body["id"].as_str().map(str::to_owned))
+                            }
+                            Err(_) => (0, false, None),
+                        };
+                        log.push(Attempt { at, took: at.elapsed(), status, retry_after, id, items, base });
+                        if status != 202 {
+                            // A refused request is retried a little later, as a client would.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    log
+                })
+            })
+            .collect();
+        Load { stop, workers }
+    }
+
+    /// Stops the workers and returns every attempt, in no particular order.
+    pub async fn stop(self) -> anyhow::Result<Vec<Attempt>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = Vec::new();
+        for worker in self.workers {
+            all.extend(worker.await?);
+        }
+        Ok(all)
+    }
 }
