@@ -468,6 +468,8 @@ pub struct Attempt {
 /// Closed-loop order placements by a few workers, round robin over gateways, until stopped.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Placements answered 202 and otherwise so far, for progress reports.
+    counts: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     workers: Vec<tokio::task::JoinHandle<Vec<Attempt>>>,
 }
 
@@ -478,9 +480,11 @@ impl Load {
     pub fn start(api: &Api, bases: Vec<String>, workers: usize, pick: Pick) -> Load {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts = std::sync::Arc::new([std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)]);
         let workers = (0..workers)
             .map(|w| {
                 let (api, bases, pick, stop) = (api.clone(), bases.clone(), pick.clone(), stop.clone());
+                let counts = counts.clone();
                 tokio::spawn(async move {
                     let mut log = Vec::new();
                     for n in 0u64.. {
@@ -507,6 +511,7 @@ impl Load {
                             }
                             Err(_) => (0, false, None),
                         };
+                        counts[usize::from(status != 202)].fetch_add(1, Ordering::Relaxed);
                         log.push(Attempt { at, took: at.elapsed(), status, retry_after, id, items, base });
                         if status != 202 {
                             // A refused request is retried a little later, as a client would.
@@ -517,7 +522,13 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, workers }
+        Load { stop, counts, workers }
+    }
+
+    /// `(accepted, refused)` placements so far.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.counts[0].load(Relaxed), self.counts[1].load(Relaxed))
     }
 
     /// Stops the workers and returns every attempt, in no particular order.
