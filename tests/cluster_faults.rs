@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cluster::{Api, Attempt, Cluster, Load, Pick, owner, skus_owned_by, specs};
+use common::cluster::{Api, Attempt, Cluster, Load, Pick, owner, skus_not_owned_by, skus_owned_by, specs};
 use common::{bin, token};
 
 use ordermesh_actors::domain::{OrderId, PaymentStatus};
@@ -26,10 +26,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ALL: &str = "order,inventory,payment";
 
-fn three_nodes(root: &std::path::Path) -> Cluster {
-    Cluster::start(bin(), specs(root, &[("n1", ALL, true), ("n2", ALL, true), ("n3", ALL, true)]).unwrap()).unwrap()
-}
-
 fn api() -> Api {
     Api::new(token("faults-admin", "admin"), token("faults-customer", "customer")).unwrap()
 }
@@ -38,12 +34,39 @@ fn members() -> Vec<String> {
     ["n1", "n2", "n3"].map(str::to_owned).to_vec()
 }
 
-/// Stocks `skus` with `units` each; returns the initial stock map.
-async fn stock_up(api: &Api, base: &str, skus: &[String], units: u64) -> BTreeMap<String, u64> {
-    for sku in skus {
-        api.set_stock(base, sku, units).await.unwrap();
+/// Three ready all-in-one nodes; n3 is the one the tests hurt.
+struct Setup {
+    cluster: Cluster,
+    api: Api,
+    n1: String,
+    n2: String,
+    /// Skus n3 owns.
+    victim: Vec<String>,
+    /// Skus n1 or n2 own.
+    safe: Vec<String>,
+    initial: BTreeMap<String, u64>,
+}
+
+/// Starts the three nodes (with `env` added to each) and stocks `per_side` victim and safe
+/// skus with `units` each.
+async fn setup(root: &std::path::Path, env: &[(&str, &str)], per_side: usize, units: u64) -> Setup {
+    let mut cluster =
+        Cluster::new(bin(), specs(root, &[("n1", ALL, true), ("n2", ALL, true), ("n3", ALL, true)]).unwrap());
+    cluster.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    for name in cluster.names() {
+        cluster.start_node(&name).unwrap();
     }
-    skus.iter().map(|s| (s.clone(), units)).collect()
+    let api = api();
+    api.wait_ready(&cluster.bases(), Duration::from_secs(30)).await.unwrap();
+    let (n1, n2) = (cluster.base("n1").unwrap(), cluster.base("n2").unwrap());
+    let victim = skus_owned_by("n3", &members(), per_side);
+    let safe = skus_not_owned_by("n3", &members(), per_side);
+    let mut initial = BTreeMap::new();
+    for sku in victim.iter().chain(&safe) {
+        api.set_stock(&n1, sku, units).await.unwrap();
+        initial.insert(sku.clone(), units);
+    }
+    Setup { cluster, api, n1, n2, victim, safe, initial }
 }
 
 /// SIGKILL of one member under load: requests that need it get a fast 503 with Retry-After
@@ -53,17 +76,7 @@ async fn stock_up(api: &Api, base: &str, skus: &[String], units: u64) -> BTreeMa
 async fn kill_nine_under_load_loses_nothing_and_fails_fast_meanwhile() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = three_nodes(dir.path());
-    let api = api();
-    api.wait_ready(&cluster.bases(), Duration::from_secs(30)).await.unwrap();
-    let (n1, n2) = (cluster.base("n1").unwrap(), cluster.base("n2").unwrap());
-
-    // Skus the victim (n3) owns, and skus it does not.
-    let victim = skus_owned_by("n3", &members(), 3);
-    let safe: Vec<String> =
-        (0..).map(|i| format!("safe-{i}")).filter(|s| owner("inventory", s, &members()) != "n3").take(3).collect();
-    let all_skus: Vec<String> = victim.iter().chain(&safe).cloned().collect();
-    let initial = stock_up(&api, &n1, &all_skus, 100_000).await;
+    let Setup { mut cluster, api, n1, n2, victim, safe, initial } = setup(dir.path(), &[], 3, 100_000).await;
 
     // Even workers order safe skus only; odd ones one safe and one victim sku.
     let (v, s) = (victim.clone(), safe.clone());
@@ -178,22 +191,10 @@ struct Probe {
 async fn frozen_member_is_detected_and_rejoins_after_sigcont() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster =
-        Cluster::new(bin(), specs(dir.path(), &[("n1", ALL, true), ("n2", ALL, true), ("n3", ALL, true)]).unwrap());
     // The default call timeout between services (5 s; 10 s for a remote placement): calls in
     // flight to the frozen member must end when it is found down, not at their timeout.
-    cluster.env.push(("ORDERMESH_RESERVATION_TIMEOUT_MS".into(), "5000".into()));
-    for name in cluster.names() {
-        cluster.start_node(&name).unwrap();
-    }
-    let api = api();
-    api.wait_ready(&cluster.bases(), Duration::from_secs(30)).await.unwrap();
-    let (n1, n2) = (cluster.base("n1").unwrap(), cluster.base("n2").unwrap());
-    let victim = skus_owned_by("n3", &members(), 2);
-    let safe: Vec<String> =
-        (0..).map(|i| format!("safe-{i}")).filter(|s| owner("inventory", s, &members()) != "n3").take(2).collect();
-    let skus: Vec<String> = victim.iter().chain(&safe).cloned().collect();
-    let initial = stock_up(&api, &n1, &skus, 1000).await;
+    let env = [("ORDERMESH_RESERVATION_TIMEOUT_MS", "5000")];
+    let Setup { cluster, api, n1, n2, victim, safe, initial } = setup(dir.path(), &env, 2, 1000).await;
 
     // Orders known before the freeze: one owned by n3, one owned elsewhere.
     let mut placed = Vec::new();
@@ -384,8 +385,8 @@ async fn garbage_and_unknown_versions_on_the_cluster_port_do_not_hurt() {
 
     // b still serves: an order with lines on both members' stock confirms.
     let ab = vec!["a".to_owned(), "b".to_owned()];
-    let on_a = (0..).map(|i| format!("sku-{i}")).find(|s| owner("inventory", s, &ab) == "a").unwrap();
-    let on_b = (0..).map(|i| format!("sku-{i}")).find(|s| owner("inventory", s, &ab) == "b").unwrap();
+    let on_a = skus_owned_by("a", &ab, 1).remove(0);
+    let on_b = skus_owned_by("b", &ab, 1).remove(0);
     for sku in [&on_a, &on_b] {
         api.set_stock(&a, sku, 10).await.unwrap();
     }

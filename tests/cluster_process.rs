@@ -120,22 +120,28 @@ async fn node_refuses_to_start_without_cookie_or_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ORDERMESH_JWT_SECRET"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_cookie_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `a` and `b` as one two-member cluster, `b` set apart by `odd_one_out`, and checks
+/// that 4 s later neither gateway is ready (neither has joined the other).
+async fn assert_pair_never_joins(dir: &std::path::Path, odd_one_out: impl FnOnce(&mut Cluster), why: &str) {
     let all = "order,inventory,payment";
-    let specs = specs(dir.path(), &[("a", all, true), ("b", all, true)]).unwrap();
-    let mut a = Cluster::new(bin(), specs.clone());
+    let pair = specs(dir, &[("a", all, true), ("b", all, true)]).unwrap();
+    let mut a = Cluster::new(bin(), pair.clone());
     a.start_node("a").unwrap();
-    let mut b = Cluster::new(bin(), specs);
-    b.cookie = "not-the-cookie".into();
+    let mut b = Cluster::new(bin(), pair);
+    odd_one_out(&mut b);
     b.start_node("b").unwrap();
     let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_secs(4)).await;
     for base in a.bases() {
         let ready = http.get(format!("{base}/readyz")).send().await.unwrap().status();
-        assert_eq!(ready, 503, "{base} joined a cluster with a wrong cookie");
+        assert_eq!(ready, 503, "{base} joined a member with {why}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cookie_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_pair_never_joins(dir.path(), |b| b.cookie = "not-the-cookie".into(), "a wrong cookie").await;
 }
 
 /// Members with different shard counts would route one key to two owners: they refuse each
@@ -143,24 +149,13 @@ async fn wrong_cookie_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_count_mismatch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let all = "order,inventory,payment";
-    let pair = specs(dir.path(), &[("a", all, true), ("b", all, true)]).unwrap();
-    let mut a = Cluster::new(bin(), pair.clone());
-    a.start_node("a").unwrap();
-    let mut b = Cluster::new(bin(), pair);
-    b.args = vec!["--shards".into(), "32".into()];
-    b.start_node("b").unwrap();
-    let http = reqwest::Client::new();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    for base in a.bases() {
-        let ready = http.get(format!("{base}/readyz")).send().await.unwrap().status();
-        assert_eq!(ready, 503, "{base} joined a member with another shard count");
-    }
+    let shards_32 = || vec!["--shards".to_owned(), "32".to_owned()];
+    assert_pair_never_joins(dir.path(), |b| b.args = shards_32(), "another shard count").await;
     // The same pair with the same count joins (so the refusal above is the count's doing).
-    drop((a, b));
+    let all = "order,inventory,payment";
     let mut same =
         Cluster::new(bin(), specs(&dir.path().join("again"), &[("a", all, true), ("b", all, true)]).unwrap());
-    same.args = vec!["--shards".into(), "32".into()];
+    same.args = shards_32();
     same.start_node("a").unwrap();
     same.start_node("b").unwrap();
     api().wait_ready(&same.bases(), Duration::from_secs(20)).await.unwrap();

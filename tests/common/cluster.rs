@@ -451,6 +451,11 @@ pub fn skus_owned_by(node: &str, members: &[String], count: usize) -> Vec<String
     (0..).map(|i| format!("sku-{i}")).filter(|sku| owner("inventory", sku, members) == node).take(count).collect()
 }
 
+/// `count` sku names owned by any member but `node`.
+pub fn skus_not_owned_by(node: &str, members: &[String], count: usize) -> Vec<String> {
+    (0..).map(|i| format!("sku-{i}")).filter(|sku| owner("inventory", sku, members) != node).take(count).collect()
+}
+
 /// One order placement of a [`Load`].
 #[derive(Debug, Clone)]
 pub struct Attempt {
