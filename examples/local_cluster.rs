@@ -87,7 +87,15 @@ fn run() -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let started = Instant::now();
-        let mut cluster = Cluster::start(&bin, specs(dir.path(), &roles)?)?;
+        let mut cluster = Cluster::new(&bin, specs(dir.path(), &roles)?);
+        // The contract's default deadlines, not the tests' short ones: a payment requested just
+        // before the kill still has time to be captured once its node is back.
+        cluster.env = [("ORDERMESH_PAYMENT_DEADLINE_MS", "30000"), ("ORDERMESH_RESERVATION_TIMEOUT_MS", "5000")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec();
+        for name in cluster.names() {
+            cluster.start_node(&name)?;
+        }
         let api =
             Api::new(mint_token(&bin, "example-admin", "admin")?, mint_token(&bin, "example-customer", "customer")?)?;
         let bases = cluster.bases();
@@ -156,6 +164,13 @@ fn run() -> anyhow::Result<bool> {
         println!("  refused (503/other) {refused}");
         println!("  confirmed           {}", count("confirmed"));
         println!("  cancelled           {}", count("cancelled"));
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for order in orders.iter().filter(|o| o["status"] == "cancelled") {
+            *reasons.entry(order["cancel_reason"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+        }
+        for (reason, n) in reasons {
+            println!("    {reason:<19} {n}");
+        }
         println!("  lost                {lost}");
         match &conserved {
             Ok(_) => println!("stock conserved       yes"),
