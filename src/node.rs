@@ -39,6 +39,11 @@ pub struct NodeArgs {
     /// Directory of this node's stores.
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
+    /// Shards per service. Every member must use the same count (a peer with another is
+    /// refused), and it must never change for the life of the cluster's data.
+    #[arg(long, value_name = "N", default_value_t = ordermesh_runtime::cluster::ownership::DEFAULT_SHARDS,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    shards: u32,
 }
 
 /// The flags that override layered settings.
@@ -78,6 +83,7 @@ pub fn run(config_file: Option<&Path>, args: NodeArgs) -> anyhow::Result<ExitCod
         let mut cluster_config =
             ClusterConfig::new(args.name.clone(), args.cluster, advertise, cookie, config.data_dir.clone());
         cluster_config.peers = peers;
+        cluster_config.shards = args.shards;
         cluster_config.services = hosted.names();
         let cluster = Cluster::start(cluster_config).await.map_err(anyhow::Error::msg)?;
         let services = Services::start_node(

@@ -4,151 +4,18 @@
 
 mod common;
 
-use common::{SECRET, token};
+use common::cluster::{Api, COOKIE, Cluster, owner, skus_owned_by, specs};
+use common::{SECRET, bin, token};
 
-use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-const COOKIE: &str = "cluster-test-cookie";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Spec {
-    name: String,
-    cluster_port: u16,
-    services: String,
-    http: bool,
-    dir: PathBuf,
-}
-
-struct Node {
-    child: Child,
-    base: Option<String>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(spec: &Spec, all: &[Spec], cookie: &str) -> Node {
-    let peers: Vec<String> = all
-        .iter()
-        .filter(|s| s.name != spec.name)
-        .map(|s| format!("{}@127.0.0.1:{}", s.name, s.cluster_port))
-        .collect();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ordermesh"));
-    cmd.args(["node", "--name", &spec.name, "--cluster"])
-        .arg(format!("127.0.0.1:{}", spec.cluster_port))
-        .arg("--peers")
-        .arg(peers.join(","))
-        .arg("--services")
-        .arg(&spec.services)
-        .arg("--data-dir")
-        .arg(&spec.dir)
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .env("ORDERMESH_CLUSTER_COOKIE", cookie)
-        .env("ORDERMESH_PAYMENT_DEADLINE_MS", "3000")
-        .env("ORDERMESH_PAYMENT_CALL_TIMEOUT_MS", "300")
-        .env("ORDERMESH_RESERVATION_TIMEOUT_MS", "2000")
-        .env("ORDERMESH_LOG", std::env::var("ORDERMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if spec.http {
-        cmd.args(["--http", "127.0.0.1:0"]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().expect("node exited before printing").unwrap();
-    let base = first.split_once("listening on ").map(|(_, url)| url.trim().to_owned());
-    std::thread::spawn(move || for _ in lines {});
-    Node { child, base }
-}
-
-fn specs(root: &Path, roles: &[(&str, &str, bool)]) -> Vec<Spec> {
-    roles
-        .iter()
-        .map(|(name, services, http)| Spec {
-            name: (*name).to_owned(),
-            cluster_port: free_port(),
-            services: (*services).to_owned(),
-            http: *http,
-            dir: root.join(name),
-        })
-        .collect()
-}
-
-async fn wait_ready(http: &reqwest::Client, bases: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for base in bases {
-        loop {
-            let ok = http.get(format!("{base}/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false);
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{base} never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Sends until the answer is not a 503 (the cluster may still be settling).
-async fn send_retrying(make: impl Fn() -> reqwest::RequestBuilder) -> reqwest::Response {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let response = make().send().await.unwrap();
-        if response.status() != 503 || Instant::now() > deadline {
-            return response;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn set_stock(http: &reqwest::Client, base: &str, admin: &str, sku: &str, available: u64) {
-    let response = send_retrying(|| {
-        http.put(format!("{base}/v1/inventory/{sku}"))
-            .bearer_auth(admin)
-            .json(&json!({"available": available, "price_cents": 100}))
-    })
-    .await;
-    assert_eq!(response.status(), 200, "set stock {sku}: {}", response.text().await.unwrap());
-}
-
-async fn stock(http: &reqwest::Client, base: &str, admin: &str, sku: &str) -> (u64, u64) {
-    let response = send_retrying(|| http.get(format!("{base}/v1/inventory/{sku}")).bearer_auth(admin)).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    (body["available"].as_u64().unwrap(), body["reserved"].as_u64().unwrap())
-}
-
-async fn place(http: &reqwest::Client, base: &str, customer: &str, items: Value) -> Value {
-    let response = send_retrying(|| {
-        http.post(format!("{base}/v1/orders"))
-            .bearer_auth(customer)
-            .json(&json!({"items": items, "payment_token": "tok_visa"}))
-    })
-    .await;
-    assert_eq!(response.status(), 202, "place: {}", response.text().await.unwrap());
-    response.json().await.unwrap()
-}
-
-async fn order_status(http: &reqwest::Client, base: &str, token: &str, id: &str) -> (u16, Option<String>) {
-    let response = http.get(format!("{base}/v1/orders/{id}")).bearer_auth(token).send().await.unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    (status, body["status"].as_str().map(str::to_owned))
-}
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
 
 const SKUS: [&str; 6] = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+
+fn api() -> Api {
+    Api::new(token("cluster-admin", "admin"), token("cluster-customer", "customer")).unwrap()
+}
 
 /// Three all-in-one nodes: orders spanning skus owned by different nodes, placed through
 /// every gateway, all confirm; every order is readable through every gateway; stock conserved.
@@ -156,60 +23,81 @@ const SKUS: [&str; 6] = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"
 async fn three_all_in_one_nodes_confirm_orders_placed_through_any_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let all = "order,inventory,payment";
-    let specs = specs(dir.path(), &[("n1", all, true), ("n2", all, true), ("n3", all, true)]);
-    let nodes: Vec<Node> = specs.iter().map(|s| start(s, &specs, COOKIE)).collect();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone().unwrap()).collect();
-    let http = reqwest::Client::new();
-    wait_ready(&http, &bases).await;
-    let admin = token("cluster-admin", "admin");
-    let customer = token("cluster-customer", "customer");
+    let cluster =
+        Cluster::start(bin(), specs(dir.path(), &[("n1", all, true), ("n2", all, true), ("n3", all, true)]).unwrap())
+            .unwrap();
+    let bases = cluster.bases();
+    let api = api();
+    api.wait_ready(&bases, Duration::from_secs(30)).await.unwrap();
 
+    let mut initial = BTreeMap::new();
     for (i, sku) in SKUS.iter().enumerate() {
-        set_stock(&http, &bases[i % 3], &admin, sku, 100).await;
+        api.set_stock(&bases[i % 3], sku, 100).await.unwrap();
+        initial.insert((*sku).to_owned(), 100);
     }
     let mut ids = Vec::new();
     for i in 0..12usize {
-        let items = json!([
-            {"sku": SKUS[i % 6], "quantity": 1},
-            {"sku": SKUS[(i + 1) % 6], "quantity": 2},
-            {"sku": SKUS[(i + 3) % 6], "quantity": 1},
-        ]);
-        let order = place(&http, &bases[i % 3], &customer, items).await;
-        ids.push(order["id"].as_str().unwrap().to_owned());
+        let items = [(SKUS[i % 6], 1), (SKUS[(i + 1) % 6], 2), (SKUS[(i + 3) % 6], 1)];
+        ids.push(api.place(&bases[i % 3], &items).await.unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let finished = api.wait_terminal(&bases[0], &ids, Duration::from_secs(30)).await.unwrap();
+    assert!(finished.values().all(|s| s == "confirmed"), "not all confirmed: {finished:?}");
     for id in &ids {
-        loop {
-            let (code, status) = order_status(&http, &bases[0], &customer, id).await;
-            if code == 200 && status.as_deref() == Some("confirmed") {
-                break;
-            }
-            assert!(status.as_deref() != Some("cancelled"), "order {id} was cancelled");
-            assert!(Instant::now() < deadline, "order {id} did not confirm: {code} {status:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         for base in &bases {
-            assert_eq!(order_status(&http, base, &customer, id).await, (200, Some("confirmed".to_owned())));
+            assert_eq!(api.order_status(base, id).await.unwrap(), (200, Some("confirmed".to_owned())));
         }
     }
-    // 12 orders, each sku in 3 lines... units per sku: count them from the orders we placed.
-    let mut used = std::collections::HashMap::<&str, u64>::new();
-    for i in 0..12usize {
-        *used.entry(SKUS[i % 6]).or_default() += 1;
-        *used.entry(SKUS[(i + 1) % 6]).or_default() += 2;
-        *used.entry(SKUS[(i + 3) % 6]).or_default() += 1;
+    let orders = api.all_orders(&bases[2]).await.unwrap();
+    assert_eq!(orders.len(), ids.len(), "listing merges every node's orders");
+    for base in &bases {
+        api.check_stock_conserved(base, &initial, &orders).await.unwrap();
     }
-    for sku in SKUS {
+}
+
+/// Five members split by role: one order node, two inventory nodes, one payment node and a
+/// gateway-only node. Every order has lines on skus of both inventory nodes and is paid on
+/// the payment node; all confirm, and each is readable through both gateways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_split_by_role_confirm_orders_spanning_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let roles = [
+        ("orders", "order", true),
+        ("stock-a", "inventory", false),
+        ("stock-b", "inventory", false),
+        ("pay", "payment", false),
+        ("gw", "none", true),
+    ];
+    let cluster = Cluster::start(bin(), specs(dir.path(), &roles).unwrap()).unwrap();
+    let bases = cluster.bases();
+    let api = api();
+    api.wait_ready(&bases, Duration::from_secs(30)).await.unwrap();
+
+    let stock_nodes = cluster.hosting("inventory");
+    let a = skus_owned_by("stock-a", &stock_nodes, 3);
+    let b = skus_owned_by("stock-b", &stock_nodes, 3);
+    let mut initial = BTreeMap::new();
+    for sku in a.iter().chain(&b) {
+        api.set_stock(&bases[1], sku, 50).await.unwrap();
+        initial.insert(sku.clone(), 50);
+    }
+    let mut ids = Vec::new();
+    for i in 0..10usize {
+        let items = [(a[i % 3].as_str(), 1), (b[i % 3].as_str(), 2)];
+        ids.push(api.place(&bases[i % 2], &items).await.unwrap());
+    }
+    let finished = api.wait_terminal(&bases[1], &ids, Duration::from_secs(30)).await.unwrap();
+    assert!(finished.values().all(|s| s == "confirmed"), "not all confirmed: {finished:?}");
+    for id in &ids {
+        assert_eq!(owner("order", id, &cluster.hosting("order")), "orders");
         for base in &bases {
-            let (available, reserved) = stock(&http, base, &admin, sku).await;
-            assert_eq!((available, reserved), (100 - used[sku], 0), "{sku} through {base}");
+            assert_eq!(api.order_status(base, id).await.unwrap(), (200, Some("confirmed".to_owned())));
         }
     }
-    // Listing merges every node's orders.
-    let response = http.get(format!("{}/v1/orders?limit=500", bases[2])).bearer_auth(&customer).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let page: Value = response.json().await.unwrap();
-    assert_eq!(page["orders"].as_array().unwrap().len(), ids.len());
+    let orders = api.all_orders(&bases[1]).await.unwrap();
+    assert_eq!(orders.len(), ids.len());
+    for base in &bases {
+        api.check_stock_conserved(base, &initial, &orders).await.unwrap();
+    }
 }
 
 /// A node refuses to start without a cookie or a JWT key; a node with the wrong cookie never
@@ -232,18 +120,43 @@ async fn node_refuses_to_start_without_cookie_or_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ORDERMESH_JWT_SECRET"));
 }
 
+/// Starts `a` and `b` as one two-member cluster, `b` set apart by `odd_one_out`, and checks
+/// that 4 s later neither gateway is ready (neither has joined the other).
+async fn assert_pair_never_joins(dir: &std::path::Path, odd_one_out: impl FnOnce(&mut Cluster), why: &str) {
+    let all = "order,inventory,payment";
+    let pair = specs(dir, &[("a", all, true), ("b", all, true)]).unwrap();
+    let mut a = Cluster::new(bin(), pair.clone());
+    a.start_node("a").unwrap();
+    let mut b = Cluster::new(bin(), pair);
+    odd_one_out(&mut b);
+    b.start_node("b").unwrap();
+    let http = reqwest::Client::new();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for base in a.bases() {
+        let ready = http.get(format!("{base}/readyz")).send().await.unwrap().status();
+        assert_eq!(ready, 503, "{base} joined a member with {why}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_cookie_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    assert_pair_never_joins(dir.path(), |b| b.cookie = "not-the-cookie".into(), "a wrong cookie").await;
+}
+
+/// Members with different shard counts would route one key to two owners: they refuse each
+/// other (neither becomes ready) while members that agree join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_count_mismatch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards_32 = || vec!["--shards".to_owned(), "32".to_owned()];
+    assert_pair_never_joins(dir.path(), |b| b.args = shards_32(), "another shard count").await;
+    // The same pair with the same count joins (so the refusal above is the count's doing).
     let all = "order,inventory,payment";
-    let specs = specs(dir.path(), &[("a", all, true), ("b", all, true)]);
-    let a = start(&specs[0], &specs, COOKIE);
-    let b = start(&specs[1], &specs, "not-the-cookie");
-    let http = reqwest::Client::new();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    for node in [&a, &b] {
-        let base = node.base.clone().unwrap();
-        let ready = http.get(format!("{base}/readyz")).send().await.unwrap().status();
-        assert_eq!(ready, 503, "{base} joined a cluster with a wrong cookie");
-    }
+    let mut same =
+        Cluster::new(bin(), specs(&dir.path().join("again"), &[("a", all, true), ("b", all, true)]).unwrap());
+    same.args = shards_32();
+    same.start_node("a").unwrap();
+    same.start_node("b").unwrap();
+    api().wait_ready(&same.bases(), Duration::from_secs(20)).await.unwrap();
 }

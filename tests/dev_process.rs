@@ -14,8 +14,7 @@ const FAST_PAYMENTS: &[(&str, &str)] =
     &[("ORDERMESH_PAYMENT_DEADLINE_MS", "1500"), ("ORDERMESH_PAYMENT_CALL_TIMEOUT_MS", "200")];
 
 fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    common::cluster::signal(child.id(), name).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

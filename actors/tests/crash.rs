@@ -129,7 +129,7 @@ async fn verify(dir: &Path, acknowledged: BTreeSet<String>) {
         let mut all = Vec::new();
         let mut after = None;
         loop {
-            let page = services.orders.list(&ListQuery { limit: 500, after, ..ListQuery::default() }).unwrap();
+            let page = services.orders.list(&ListQuery { limit: 500, after, ..ListQuery::default() }).await.unwrap();
             all.extend(page.orders);
             match page.next {
                 Some(next) => after = Some(next),

@@ -231,7 +231,7 @@ async fn listing_pages_through_a_customers_orders_by_status() {
     let mut after = None;
     loop {
         let query = ListQuery { customer: Some(ivy.clone()), status: Some(OrderStatus::Confirmed), limit: 3, after };
-        let page = app.services.orders.list(&query).unwrap();
+        let page = app.services.orders.list(&query).await.unwrap();
         seen.extend(page.orders.iter().map(|o| o.id));
         match page.next {
             Some(next) => after = Some(next),
@@ -240,5 +240,5 @@ async fn listing_pages_through_a_customers_orders_by_status() {
     }
     assert_eq!(seen, ids, "all of ivy's confirmed orders, in creation order, none of jon's");
     let pending = ListQuery { customer: Some(ivy), status: Some(OrderStatus::Pending), limit: 10, after: None };
-    assert!(app.services.orders.list(&pending).unwrap().orders.is_empty());
+    assert!(app.services.orders.list(&pending).await.unwrap().orders.is_empty());
 }

@@ -1,7 +1,10 @@
 //! What the process-level tests share: the key, starting `ordermesh dev` on a free port,
-//! and minting tokens with the real `ordermesh token`.
+//! minting tokens with the real `ordermesh token`, and (`cluster`) running `ordermesh node`
+//! processes.
 // Each test binary uses only part of this module.
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod cluster;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -49,13 +52,12 @@ pub fn start_dev(data_dir: &Path, env: &[(&str, &str)]) -> Dev {
     Dev { child, base }
 }
 
+/// The `ordermesh` binary cargo built for this test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ordermesh"))
+}
+
 /// A token from `ordermesh token`, signed with [`SECRET`].
 pub fn token(sub: &str, role: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordermesh"))
-        .args(["token", "--sub", sub, "--role", role, "--ttl", "1h"])
-        .env("ORDERMESH_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    cluster::mint_token(bin(), sub, role).unwrap()
 }

@@ -153,6 +153,18 @@ impl Services {
         Self::start_hosting(data_dir, settings, provider, Hosted::ALL, None).await
     }
 
+    /// Starts only the `hosted` services on `data_dir`, outside any cluster (every key is
+    /// local). For looking at one cluster node's stores once it has stopped, e.g. auditing
+    /// its payments; a running node uses [`Self::start_node`].
+    pub async fn start_standalone(
+        data_dir: &Path,
+        settings: Settings,
+        provider: Arc<dyn PaymentProvider>,
+        hosted: Hosted,
+    ) -> Result<Services, StartError> {
+        Self::start_hosting(data_dir, settings, provider, hosted, None).await
+    }
+
     /// Starts the `hosted` services of a cluster node: their stores, routers, relays and
     /// remotable endpoints; requests for entities other nodes own go to those nodes.
     pub async fn start_node(

@@ -858,38 +858,39 @@ impl OrderService {
         Ok(CancelOutcome { order, already_cancelled: false })
     }
 
-    /// Lists orders in id (creation) order. Blocking: call it from a blocking thread (in a
-    /// cluster it asks every order node, waiting on the runtime of the calling context).
-    pub fn list(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
-        let Some(cluster) = &self.placement else { return self.list_local(query) };
+    /// Lists orders in id (creation) order; in a cluster, merges a page from every order node.
+    /// The store reads run on a blocking thread, never on an async worker.
+    pub async fn list(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
         let limit = query.limit.clamp(1, 500);
-        let members = cluster.members_of("order")?;
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| ServiceError::Unavailable { service: "order", detail: "no runtime to list on".into() })?;
-        let this = self.clone();
         let query = ListQuery { limit, ..query.clone() };
-        let gather = async move {
-            let mut pages = Vec::new();
-            let mut more = false;
-            for member in members {
-                let (orders, next) = match cluster.target("order", &member)? {
-                    Target::Local => {
-                        let page = this.list_local(&query)?;
-                        (page.orders, page.next)
-                    }
-                    Target::Remote(remote) => {
-                        let request = OrderRequest::List { query: query.clone() };
-                        call::<_, (Vec<Order>, Option<OrderId>)>(&remote, "order", &request, this.settings.call_timeout)
-                            .await?
-                    }
-                };
-                more |= next.is_some();
-                pages.push(orders);
-            }
-            let (orders, next) = merge_pages(pages, limit, more);
-            Ok::<_, ServiceError>(OrderPage { orders, next })
-        };
-        handle.block_on(gather)
+        let Some(cluster) = &self.placement else { return self.list_local_blocking(query).await };
+        let mut pages = Vec::new();
+        let mut more = false;
+        for member in cluster.members_of("order")? {
+            let (orders, next) = match cluster.target("order", &member)? {
+                Target::Local => {
+                    let page = self.list_local_blocking(query.clone()).await?;
+                    (page.orders, page.next)
+                }
+                Target::Remote(remote) => {
+                    let request = OrderRequest::List { query: query.clone() };
+                    call::<_, (Vec<Order>, Option<OrderId>)>(&remote, "order", &request, self.settings.call_timeout)
+                        .await?
+                }
+            };
+            more |= next.is_some();
+            pages.push(orders);
+        }
+        let (orders, next) = merge_pages(pages, limit, more);
+        Ok(OrderPage { orders, next })
+    }
+
+    /// [`Self::list_local`] on a blocking thread (it reads up to 500 orders from the store).
+    pub(crate) async fn list_local_blocking(&self, query: ListQuery) -> Result<OrderPage, ServiceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.list_local(&query))
+            .await
+            .map_err(|e| ServiceError::Storage(format!("order listing task failed: {e}")))?
     }
 
     /// Lists this node's orders from its indexes, in id (creation) order.

@@ -168,11 +168,7 @@ impl WireHandler for OrderWire {
                     answer(orders.cancel_local(id, &requester).await.map(|o| (o.order, o.already_cancelled)))
                 }
                 OrderRequest::List { query } => {
-                    let orders = orders.clone();
-                    let page = tokio::task::spawn_blocking(move || orders.list_local(&query))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    answer(page.map(|p| (p.orders, p.next)))
+                    answer(orders.list_local_blocking(query).await.map(|p| (p.orders, p.next)))
                 }
                 OrderRequest::PaymentSettled { order, event_id, outcome } => {
                     answer(orders.payment_settled_local(order, event_id, outcome).await)

@@ -204,12 +204,7 @@ pub async fn list_orders(
         Some(own)
     };
     let list = ListQuery { customer, status: query.status, limit: query.limit, after: query.after };
-    // `list` reads the store synchronously (up to 500 orders): keep it off the async workers.
-    let orders = state.services.orders.clone();
-    let page = tokio::task::spawn_blocking(move || orders.list(&list)).await.map_err(|err| {
-        tracing::error!(%err, "order listing task failed");
-        Problem::internal()
-    })??;
+    let page = state.services.orders.list(&list).await?;
     Ok(Json(OrderPage {
         orders: page.orders.iter().map(api::Order::from).collect(),
         next_page_token: page.next.map(encode_page_token),

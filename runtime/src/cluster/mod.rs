@@ -19,7 +19,13 @@
 //!   address and reconnects with backoff whenever the peer's node endpoint is missing.
 //! - Failure detection: a heartbeat to each peer every `heartbeat_interval`; a peer whose last
 //!   answer is older than `suspect_after` (or whose session closed) is down, and requests for
-//!   its shards fail fast with `Unavailable` instead of waiting on a frozen process.
+//!   its shards fail fast with `Unavailable` instead of waiting on a frozen process. Marking a
+//!   silent peer down also closes its ractor_cluster session: ractor_cluster keeps a frozen
+//!   peer's session open forever, which would leave calls to it hanging until their timeout
+//!   and keep the reconnect task from ever opening a fresh session once the peer wakes up.
+//!   Closing it fails every call in flight to that peer at once (`Unavailable`).
+//! - Every heartbeat carries the sender's shard count; a peer with another count is refused
+//!   (never marked up, logged as an error), because the two would disagree on every key's owner.
 
 pub mod ownership;
 pub mod wire;
@@ -120,13 +126,16 @@ impl ClusterConfig {
 /// What a node says about itself in a heartbeat answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum NodeRequest {
-    Ping { from: String },
+    /// `shards`: the sender's shard count, so the receiver can refuse a mismatched peer too.
+    Ping { from: String, shards: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct NodeInfo {
     name: String,
     services: Vec<String>,
+    /// Shards per service on that node; members must agree or ownership diverges.
+    shards: u32,
 }
 
 #[derive(Debug)]
@@ -136,6 +145,9 @@ struct Member {
     up: bool,
     last_ok: Option<Instant>,
     in_flight: Arc<Semaphore>,
+    /// The shard count it announced, when it differs from ours (logged once, not spammed
+    /// every heartbeat).
+    shard_mismatch: Option<u32>,
 }
 
 /// Where a request for a key goes.
@@ -270,7 +282,7 @@ impl Cluster {
     }
 
     fn info(&self) -> NodeInfo {
-        NodeInfo { name: self.config.name.clone(), services: self.config.services.clone() }
+        NodeInfo { name: self.config.name.clone(), services: self.config.services.clone(), shards: self.config.shards }
     }
 
     pub fn name(&self) -> &str {
@@ -376,12 +388,27 @@ impl Cluster {
         {
             let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
             let member = members.entry(info.name.clone()).or_insert_with(|| Member::new(None, &self.config));
+            if info.shards != self.config.shards {
+                // Never up: the two nodes would route the same key to different owners.
+                if member.shard_mismatch != Some(info.shards) {
+                    tracing::error!(
+                        peer = info.name,
+                        peer_shards = info.shards,
+                        shards = self.config.shards,
+                        "peer has a different shard count: refusing it (every member must run with the same --shards)"
+                    );
+                    member.shard_mismatch = Some(info.shards);
+                }
+                return;
+            }
+            member.shard_mismatch = None;
             if member.services.as_ref() != Some(&info.services) {
                 member.services = Some(info.services);
                 changed = true;
             }
             if !member.up {
                 tracing::info!(peer = info.name, "peer is up");
+                metrics::gauge!("cluster_peer_up", "peer" => info.name.clone()).set(1.0);
             }
             member.up = true;
             member.last_ok = Some(Instant::now());
@@ -404,14 +431,38 @@ impl Cluster {
         }
     }
 
-    fn mark_down_if_silent(&self, name: &str, session_gone: bool) {
+    /// Marks `name` down if its session is gone or it has been silent for `suspect_after`.
+    /// True when it was up until now and its session is still open (the caller closes it).
+    fn mark_down_if_silent(&self, name: &str, session_gone: bool) -> bool {
         let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(member) = members.get_mut(name) {
-            let silent = member.last_ok.is_none_or(|t| t.elapsed() >= self.config.suspect_after);
-            if member.up && (session_gone || silent) {
-                tracing::warn!(peer = name, session_gone, "peer is down");
-                metrics::counter!("cluster_peer_down_total").increment(1);
-                member.up = false;
+        let Some(member) = members.get_mut(name) else { return false };
+        let silent = member.last_ok.is_none_or(|t| t.elapsed() >= self.config.suspect_after);
+        if member.up && (session_gone || silent) {
+            let silent_ms = member.last_ok.map(|t| t.elapsed().as_millis() as u64);
+            tracing::warn!(peer = name, session_gone, silent_ms, "peer is down");
+            metrics::counter!("cluster_peer_down_total").increment(1);
+            metrics::gauge!("cluster_peer_up", "peer" => name.to_owned()).set(0.0);
+            member.up = false;
+            return !session_gone;
+        }
+        false
+    }
+
+    /// Closes every ractor_cluster session to the peer `name`. Its remote actors stop with it,
+    /// which drops their pending reply ports: callers waiting on the peer get `Unavailable`
+    /// now rather than at their timeout. The reconnect task opens a fresh session once the
+    /// peer answers again.
+    async fn close_sessions(&self, name: &str) {
+        let sessions = match self.server.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(1))).await {
+            Ok(ractor::rpc::CallResult::Success(sessions)) => sessions,
+            _ => return,
+        };
+        for session in sessions.values() {
+            // ractor_cluster names a node `NAME@HOST`.
+            let peer = session.peer_name.as_ref().map(|n| n.name.split('@').next().unwrap_or_default());
+            if peer == Some(name) {
+                tracing::info!(peer = name, addr = session.peer_addr, "closing the session of a silent peer");
+                session.actor.kill();
             }
         }
     }
@@ -424,6 +475,7 @@ impl Member {
             up: false,
             last_ok: None,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight_per_peer)),
+            shard_mismatch: None,
         }
     }
 }
@@ -444,7 +496,11 @@ struct NodeEndpoint(NodeInfo);
 impl WireHandler for NodeEndpoint {
     fn handle(self: Arc<Self>, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
-            let NodeRequest::Ping { from: _ } = codec::decode::<NodeRequest>(&body).map_err(|e| e.to_string())?;
+            let NodeRequest::Ping { from, shards } = codec::decode::<NodeRequest>(&body).map_err(|e| e.to_string())?;
+            if shards != self.0.shards {
+                // The pinger logs and refuses us when it sees our answer; say why here too.
+                return Err(format!("{from} runs {shards} shards, {} runs {}", self.0.name, self.0.shards));
+            }
             codec::encode(&self.0).map_err(|e| e.to_string())
         })
     }
@@ -506,7 +562,8 @@ async fn dns_peers_connected(cluster: &Cluster, addr: &str) -> bool {
 async fn heartbeat_loop(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(cluster.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ping = codec::encode(&NodeRequest::Ping { from: cluster.config.name.clone() }).unwrap_or_default();
+    let ping = codec::encode(&NodeRequest::Ping { from: cluster.config.name.clone(), shards: cluster.config.shards })
+        .unwrap_or_default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -520,6 +577,13 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<boo
                 cluster.mark_down_if_silent(&name, true);
                 continue;
             };
+            // Judge silence every tick, not only when a ping times out: a frozen peer is then
+            // down `suspect_after` after its last answer, not up to a ping timeout later.
+            if cluster.mark_down_if_silent(&name, false) {
+                let cluster = cluster.clone();
+                let name = name.clone();
+                tokio::spawn(async move { cluster.close_sessions(&name).await });
+            }
             let remote = RemoteRouter {
                 actor: cell.into(),
                 service: NODE_SERVICE,
@@ -530,9 +594,17 @@ async fn heartbeat_loop(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<boo
             let ping = ping.clone();
             let timeout = cluster.config.suspect_after.min(Duration::from_secs(2));
             tokio::spawn(async move {
-                match remote.call(ping, timeout).await.ok().and_then(|b| codec::decode::<NodeInfo>(&b).ok()) {
-                    Some(info) if info.name == name => cluster.record_answer(info),
-                    _ => cluster.mark_down_if_silent(&name, false),
+                match remote.call(ping, timeout).await {
+                    Ok(bytes) => match codec::decode::<NodeInfo>(&bytes) {
+                        Ok(info) if info.name == name => cluster.record_answer(info),
+                        Ok(info) => {
+                            tracing::warn!(peer = name, answered = info.name, "heartbeat answered by another node")
+                        }
+                        Err(err) => tracing::warn!(peer = name, error = %err, "unreadable heartbeat answer"),
+                    },
+                    Err(RemoteError::Wire(err)) => tracing::warn!(peer = name, error = %err, "heartbeat refused"),
+                    // Silence: the next tick judges it against `suspect_after`.
+                    Err(RemoteError::Call(_)) => {}
                 }
             });
         }

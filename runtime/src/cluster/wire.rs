@@ -18,7 +18,8 @@ use tokio::sync::Semaphore;
 
 /// Version of the envelope and of every service payload in it. A node answers a request of
 /// another version with [`WireError::UnsupportedVersion`].
-pub const WIRE_VERSION: u16 = 1;
+/// 2: heartbeats carry the shard count.
+pub const WIRE_VERSION: u16 = 2;
 
 /// The one remotable message: an RPC of codec-encoded bytes.
 #[derive(RactorClusterMessage)]
