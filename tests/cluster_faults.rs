@@ -140,7 +140,17 @@ async fn kill_nine_under_load_loses_nothing_and_fails_fast_meanwhile() {
         .filter(|o| o["status"] == "confirmed")
         .filter_map(|o| o["id"].as_str().map(str::to_owned))
         .collect();
-    eprintln!("{} orders, {} confirmed", orders.len(), confirmed.len());
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for order in orders.iter().filter(|o| o["status"] == "cancelled") {
+        *reasons.entry(order["cancel_reason"].as_str().unwrap_or("none").to_owned()).or_default() += 1;
+    }
+    eprintln!("{} orders, {} confirmed, cancelled: {reasons:?}", orders.len(), confirmed.len());
+    // Stock is ample and every sku exists: only the outage may cancel an order (a payment
+    // deadline passing while n3 held it, or the saga's own deadline). `unknown_sku` or
+    // `out_of_stock` would mean a request reached a node that does not own the sku.
+    for reason in reasons.keys() {
+        assert!(["payment_failed", "timeout"].contains(&reason.as_str()), "orders cancelled as {reason}: {reasons:?}");
+    }
 
     // Payment compensation (a cancel's refund) travels through outboxes after the order is
     // final; give it a moment, then stop the cluster cleanly and read every payment store.
