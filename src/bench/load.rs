@@ -44,7 +44,6 @@ const SEED_CONCURRENCY: usize = 8;
 const SEED_ATTEMPTS: u32 = 5;
 pub const SKU_PREFIX: &str = "bench-sku-";
 /// Always approved by the simulated provider.
-const PAYMENT_TOKEN: &str = "tok_visa";
 
 /// A closed-loop worker whose request got no answer at all waits this long, rather than
 /// spinning on a refused connection.
@@ -169,7 +168,7 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         .map(|token| HeaderValue::from_str(&format!("Bearer {token}")))
         .collect::<Result<Vec<_>, _>>()
         .context("a minted token is not a valid header value")?;
-    let bodies = (0..plan.skus).map(order_body).collect();
+    let bodies = (0..plan.skus).map(|sku| order_body(sku, &plan.payment_token)).collect();
     let orders_url = plan.target.join("v1/orders").context("cannot build the orders URL")?;
     let cpu_before = cpu_time();
     let start = Instant::now();
@@ -331,10 +330,10 @@ pub fn sku_name(i: u32) -> String {
     format!("{SKU_PREFIX}{i}")
 }
 
-fn order_body(sku: u32) -> String {
+fn order_body(sku: u32, payment_token: &str) -> String {
     serde_json::json!({
         "items": [{"sku": sku_name(sku), "quantity": 1}],
-        "payment_token": PAYMENT_TOKEN,
+        "payment_token": payment_token,
     })
     .to_string()
 }
@@ -651,7 +650,7 @@ mod tests {
 
     #[test]
     fn order_bodies_name_bench_skus_and_tok_visa() {
-        let body: serde_json::Value = serde_json::from_str(&order_body(7)).unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(&order_body(7, "tok_visa")).unwrap_or_default();
         assert_eq!(body["items"][0]["sku"], "bench-sku-7");
         assert_eq!(body["items"][0]["quantity"], 1);
         assert_eq!(body["payment_token"], "tok_visa");

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// Timeout of one HTTP request.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Payment token of every order (see the contract's test tokens); `tok_timeout` keeps
+    /// orders in flight until the payment deadline, e.g. to measure memory per live order.
+    #[arg(long, value_name = "TOKEN", default_value = "tok_visa")]
+    payment_token: String,
 }
 
 /// Open or closed loop.
@@ -116,12 +120,16 @@ pub struct Plan {
     pub grace: Duration,
     pub timeout: Duration,
     pub json: bool,
+    pub payment_token: String,
 }
 
 impl BenchArgs {
     /// Checks every argument; the error names the flag.
     pub fn plan(&self) -> Result<Plan, String> {
         let target = parse_target(&self.target)?;
+        if !self.payment_token.starts_with("tok_") || self.payment_token.len() > 64 {
+            return Err(format!("--payment-token must be a test token like tok_visa, not {:?}", self.payment_token));
+        }
         if self.duration.is_zero() {
             return Err("--duration must be greater than 0".into());
         }
@@ -179,6 +187,7 @@ impl BenchArgs {
             grace: self.grace,
             timeout: self.timeout,
             json: self.json,
+            payment_token: self.payment_token.clone(),
         })
     }
 }

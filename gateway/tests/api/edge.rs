@@ -73,12 +73,8 @@ async fn overload_is_503_with_retry_after_and_health_still_answers() {
     let app = spawn_app_with(|config| config.max_in_flight = 1).await;
     let token = app.customer("alice");
     // Occupies the only slot: the handler waits for a body that does not come.
-    let stalled = app.stalled_request("POST", "/v1/orders", &token, 500, r#"{"items":"#).await;
-    let shed = eventually(Duration::from_secs(5), "a shed request", || async {
-        let reply = app.get("/v1/orders", &token).await;
-        (reply.status == 503).then_some(reply)
-    })
-    .await;
+    let stalled = app.stall_the_only_slot(&token, 500, r#"{"items":"#).await;
+    let shed = app.get("/v1/orders", &token).await;
     assert!(shed.assert_problem(503)["detail"].as_str().unwrap().contains("in flight"));
     assert_eq!(shed.header("retry-after"), Some("1"));
     // Operations routes are outside the bound.
@@ -157,11 +153,7 @@ async fn shutdown_lets_the_request_in_flight_finish() {
     let token = app.customer("alice");
     let body = order_body(&[("apple", 1)], "tok_visa").to_string();
     let (start, rest) = body.split_at(10);
-    let mut stalled = app.stalled_request("POST", "/v1/orders", &token, body.len(), start).await;
-    eventually(Duration::from_secs(5), "the stalled request to be in flight", || async {
-        (app.get("/v1/orders", &token).await.status == 503).then_some(())
-    })
-    .await;
+    let mut stalled = app.stall_the_only_slot(&token, body.len(), start).await;
     let server = app.begin_shutdown();
     app.readiness.set_draining();
     stalled.write_all(rest.as_bytes()).await.unwrap();

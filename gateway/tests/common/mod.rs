@@ -289,6 +289,27 @@ impl TestApp {
         stream.flush().await.unwrap();
         stream
     }
+
+    /// With `max_in_flight = 1`: a request stalled inside its handler (the server waits for the
+    /// rest of its body), holding the only slot, as a probe answered 503 proves. If the probe
+    /// held the slot when the stalled request arrived, the stalled one was shed instead (it got
+    /// an answer): then it is sent again.
+    pub async fn stall_the_only_slot(&self, token: &str, content_length: usize, partial_body: &str) -> TcpStream {
+        let started = Instant::now();
+        loop {
+            let stalled = self.stalled_request("POST", "/v1/orders", token, content_length, partial_body).await;
+            loop {
+                assert!(started.elapsed() < Duration::from_secs(5), "the stalled request never held the slot");
+                if self.get("/v1/orders", token).await.status == 503 {
+                    return stalled;
+                }
+                let mut byte = [0u8; 1];
+                if tokio::time::timeout(Duration::from_millis(20), stalled.peek(&mut byte)).await.is_ok() {
+                    break; // answered (shed) or closed: send it again
+                }
+            }
+        }
+    }
 }
 
 /// A `POST /v1/orders` body.
