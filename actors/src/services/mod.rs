@@ -73,7 +73,7 @@ impl Default for Settings {
             call_timeout: Duration::from_secs(5),
             retry_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             entity_idle: Duration::from_secs(30),
-            snapshot_every: 100,
+            snapshot_every: 1000,
             idempotency_retention: Duration::from_secs(24 * 3600),
             fsync: true,
         }
