@@ -43,7 +43,6 @@ const SEED_PRICE_CENTS: u64 = 100;
 const SEED_CONCURRENCY: usize = 8;
 const SEED_ATTEMPTS: u32 = 5;
 pub const SKU_PREFIX: &str = "bench-sku-";
-/// Always approved by the simulated provider.
 
 /// A closed-loop worker whose request got no answer at all waits this long, rather than
 /// spinning on a refused connection.
