@@ -24,6 +24,7 @@ use crate::domain::{
     PaymentToken, Quantity, SagaStep, Sku, StockRejection,
 };
 use crate::error::ServiceError;
+use futures_util::future::join_all;
 use ordermesh_runtime::cluster::Target;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
@@ -450,7 +451,7 @@ impl OrderEntity {
                 }
             }
         });
-        let results = futures_join_all(calls).await;
+        let results = join_all(calls).await;
         let mut refused = None;
         for result in results {
             match result? {
@@ -531,16 +532,6 @@ fn rejection_error(rejection: OrderRejection) -> ServiceError {
         OrderRejection::NotFound => ServiceError::NotFound,
         other => ServiceError::Invalid(other.to_string()),
     }
-}
-
-/// Waits for all futures, in order (a tiny `join_all`, to avoid a dependency for one use).
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut out = Vec::with_capacity(set.len());
-    for f in set.iter_mut() {
-        out.push(f.await);
-    }
-    out
 }
 
 // ------------------------------------------------------------------------------------------
@@ -801,7 +792,7 @@ impl OrderService {
             *merged.entry(sku).or_default() += quantity.get();
         }
         let mut lines = Vec::with_capacity(merged.len());
-        let quotes = futures_join_all(merged.keys().map(|sku| self.inventory.get(sku))).await;
+        let quotes = join_all(merged.keys().map(|sku| self.inventory.get(sku))).await;
         for ((sku, units), quote) in merged.into_iter().zip(quotes) {
             let quantity = Quantity::new(units)
                 .map_err(|_| ServiceError::Invalid(format!("quantity of {sku} over {} in total", Quantity::MAX)))?;
