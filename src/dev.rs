@@ -54,23 +54,9 @@ pub fn run(config_file: Option<&Path>, flags: DevFlags) -> anyhow::Result<ExitCo
         let admin = mint(&authenticator, "demo-admin", Role::Admin, day)?;
         print_banner(addr, &config.data_dir, &customer, &admin);
 
-        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-        let draining = readiness.clone();
-        let shutdown = async move {
-            signal.await;
-            tracing::info!("shutdown requested, draining");
-            draining.set_draining();
-            let _ = signalled_tx.send(());
-        };
-        let drain_timeout = config.drain_timeout();
-        let served = ordermesh_gateway::serve(listener, router, shutdown);
-        tokio::pin!(served);
-        tokio::select! {
-            result = &mut served => result.context("http server failed")?,
-            () = async { let _ = signalled_rx.await; tokio::time::sleep(drain_timeout).await } => {
-                tracing::warn!(?drain_timeout, "in-flight requests did not finish in time");
-            }
-        }
+        ordermesh_gateway::serve_until(listener, router, &readiness, signal, config.drain_timeout())
+            .await
+            .context("http server failed")?;
         services.shutdown().await.context("cannot close the stores cleanly")?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)

@@ -107,14 +107,6 @@ pub fn run(config_file: Option<&Path>, args: NodeArgs) -> anyhow::Result<ExitCod
             }
         });
 
-        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-        let draining = readiness.clone();
-        let shutdown = async move {
-            signal.await;
-            tracing::info!("shutdown requested, draining");
-            draining.set_draining();
-            let _ = signalled_tx.send(());
-        };
         match args.http {
             Some(http) => {
                 let listener = tokio::net::TcpListener::bind(http)
@@ -124,19 +116,15 @@ pub fn run(config_file: Option<&Path>, args: NodeArgs) -> anyhow::Result<ExitCod
                 let gateway =
                     GatewayServices { orders: services.orders.clone(), inventory: services.inventory.clone() };
                 let router = ordermesh_gateway::router(gateway, &config, authenticator, readiness.clone());
-                let drain_timeout = config.drain_timeout();
-                let served = ordermesh_gateway::serve(listener, router, shutdown);
-                tokio::pin!(served);
-                tokio::select! {
-                    result = &mut served => result.context("http server failed")?,
-                    () = async { let _ = signalled_rx.await; tokio::time::sleep(drain_timeout).await } => {
-                        tracing::warn!(?drain_timeout, "in-flight requests did not finish in time");
-                    }
-                }
+                ordermesh_gateway::serve_until(listener, router, &readiness, signal, config.drain_timeout())
+                    .await
+                    .context("http server failed")?;
             }
             None => {
                 println!("ordermesh node {} running (no gateway)", args.name);
-                shutdown.await;
+                signal.await;
+                tracing::info!("shutdown requested");
+                readiness.set_draining();
             }
         }
         readiness_task.abort();

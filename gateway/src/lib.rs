@@ -146,3 +146,32 @@ pub async fn serve(
     });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
+
+/// Serves until `signal`; then `/readyz` says draining, no new connection is taken and the
+/// requests in flight get up to `drain_timeout` to finish (what `dev` and `node` do on
+/// SIGTERM).
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    readiness: &Readiness,
+    signal: impl Future<Output = ()> + Send + 'static,
+    drain_timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let draining = readiness.clone();
+    let shutdown = async move {
+        signal.await;
+        tracing::info!("shutdown requested, draining");
+        draining.set_draining();
+        let _ = signalled_tx.send(());
+    };
+    let served = serve(listener, router, shutdown);
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => result,
+        () = async { let _ = signalled_rx.await; tokio::time::sleep(drain_timeout).await } => {
+            tracing::warn!(?drain_timeout, "in-flight requests did not finish in time");
+            Ok(())
+        }
+    }
+}

@@ -178,13 +178,8 @@ impl Checkpoints {
             }
             checkpointer
         });
-        match spawned {
-            Ok(thread) => {
-                self.thread = Some((sender, thread));
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.thread = Some((sender, spawned?));
+        Ok(())
     }
 
     /// A checkpoint is running.
