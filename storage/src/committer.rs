@@ -1,32 +1,34 @@
-//! Group commit: the write path's back half, on two threads of its own.
+//! Group commit: the write path's back half, on threads of its own.
 //!
 //! Why group commit: an fsync costs milliseconds (about 3.4 ms on our machines), so one fsync per
 //! write caps a store near 300 writes/s. Instead every `Store::commit` queues its (already
-//! encoded) batch and waits; one flush and one fsync acknowledge everything queued meanwhile.
+//! encoded) batch and waits; one log write and one fsync acknowledge everything queued meanwhile.
 //!
 //! Why two threads, a pipeline:
 //!
 //! - the *committer* takes every queued write, checks each batch against the store *and* against
-//!   the batches before it in the same group, applies the accepted ones as one atomic sled batch
-//!   and hands the group to the syncer; then it goes on with the next group at once;
-//! - the *syncer* takes every group handed over since its last round, flushes sled (which writes
-//!   them all to the log file), fsyncs the files for real, and only then publishes the durable
-//!   outbox watermark and answers the waiters of all those groups.
+//!   the batches before it in the same group, applies the accepted ones to sled, encodes the
+//!   group as one write-ahead log record ([`crate::wal`]) and hands it to the syncer; then it goes
+//!   on with the next group at once;
+//! - the *syncer* takes every group handed over since its last round, appends their records to
+//!   the log, fsyncs it, and only then publishes the durable outbox watermark and answers the
+//!   waiters of all those groups. It also asks the checkpoint thread ([`crate::checkpoint`]) to
+//!   make sled's own files durable from time to time, after which the older log goes.
 //!
-//! So applying (CPU) overlaps with flushing and fsyncing (the disk), and an fsync covers every
+//! So applying (CPU) overlaps with logging and fsyncing (the disk), and an fsync covers every
 //! group applied while the previous one ran: under load each fsync acknowledges hundreds of
 //! writes. The syncer may also wait a fraction of a round for writers it just acknowledged to
 //! come back (see `Syncer::gather`), so that a moderate number of writers shares one fsync
 //! instead of settling into two alternating half-size cohorts.
 //!
-//! Both are std threads, not tokio tasks, because all they do is block (sled writes, fsync) and
+//! All are std threads, not tokio tasks, because all they do is block (sled writes, fsync) and
 //! they must not starve or be starved by async work.
 //!
 //! Because the committer is the only thread that writes versions, inbox marks and idempotency
 //! claims, its checks cannot race with another writer: no locks or compare-and-swap are needed,
 //! and it may cache entity versions. A group it applies may be visible to reads before its fsync
-//! returns; nobody is acknowledged, and no outbox entry handed out, before that. If a flush or
-//! fsync fails, nothing of the failed round nor anything after it is ever acknowledged: the store
+//! returns; nobody is acknowledged, and no outbox entry handed out, before that. If a log write,
+//! fsync or checkpoint fails, nothing of the failed round nor anything after it is ever acknowledged: the store
 //! is poisoned (see [`StorageError::Poisoned`]).
 
 use std::collections::{HashMap, HashSet};
@@ -159,7 +161,7 @@ pub(crate) struct Committer {
     next_outbox: u64,
     /// Commit groups ever applied to this store (see `keys`).
     commit_seq: u64,
-    /// Held by the syncer while sled flushes (see `commit_group`).
+    /// Held by the checkpoint thread while sled flushes (see `run`).
     flush_gate: Arc<Mutex<()>>,
     /// Entity versions as of the last applied group, including this group's accepted batches.
     /// Exact, not a guess: only this thread writes versions. Cleared (between groups) when large.
@@ -211,11 +213,9 @@ impl Committer {
                 Ok(Request::Write(write)) => {
                     group.push(write);
                     self.drain(&requests, &mut group, &mut close);
-                    // While the syncer flushes, sled's global lock would block our apply
-                    // anyway (and, waiting as a writer, every reader in the process with it):
-                    // wait for the flush on our own gate instead, then take what arrived
-                    // meanwhile into this group. The syncer starts no new flush before we hand
-                    // it the next group.
+                    // While a checkpoint flushes sled, sled's lock would block our inserts
+                    // anyway: wait for the flush on our own gate instead, then take what
+                    // arrived meanwhile into this group.
                     if close.is_none() {
                         drop(self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner));
                         self.drain(&requests, &mut group, &mut close);
