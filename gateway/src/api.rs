@@ -286,6 +286,34 @@ pub struct OrderPage {
     pub next_page_token: Option<String>,
 }
 
+/// Query parameters of `GET /v1/orders/{id}`, as received (strings, so a bad value is a 400
+/// naming the parameter; unknown parameters are refused).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct GetOrderParams {
+    /// Long poll: if the order is not yet `confirmed` or `cancelled`, answer as soon as it is,
+    /// or after this many milliseconds with the order as it is then (0 to 60000; the server
+    /// waits at most half its request timeout, 5 s by default).
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 60000)]
+    pub wait_ms: Option<String>,
+}
+
+/// Largest accepted `wait_ms`.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+impl GetOrderParams {
+    /// The requested wait (zero when absent), or a 400 naming `wait_ms`.
+    pub fn wait(&self) -> Result<std::time::Duration, Problem> {
+        let Some(raw) = &self.wait_ms else { return Ok(std::time::Duration::ZERO) };
+        raw.parse::<u64>()
+            .ok()
+            .filter(|ms| *ms <= MAX_WAIT_MS)
+            .map(std::time::Duration::from_millis)
+            .ok_or_else(|| bad_param("wait_ms", format!("must be an integer from 0 to {MAX_WAIT_MS}")))
+    }
+}
+
 /// Query parameters of `GET /v1/orders`, as received. Kept as strings so each bad value is
 /// a 400 that names the parameter; unknown parameters are refused, so a typo such as
 /// `stauts=paid` cannot silently return every order.

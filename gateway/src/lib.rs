@@ -82,6 +82,9 @@ pub struct AppState {
     pub(crate) readiness: Readiness,
     /// Renders `/metrics`.
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Longest long poll of `GET /v1/orders/{id}?wait_ms=`: half the request deadline, so the
+    /// answer always comes before the deadline's 504.
+    pub(crate) max_order_wait: std::time::Duration,
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -101,7 +104,14 @@ pub fn router(
     authenticator: Arc<Authenticator>,
     readiness: Readiness,
 ) -> Router {
-    let state = AppState { services, authenticator: authenticator.clone(), readiness, metrics: metrics_handle() };
+    let max_order_wait = std::time::Duration::from_millis(config.request_timeout_ms / 2);
+    let state = AppState {
+        services,
+        authenticator: authenticator.clone(),
+        readiness,
+        metrics: metrics_handle(),
+        max_order_wait,
+    };
 
     let v1 = Router::new()
         .route("/v1/orders", post(routes::orders::place_order).get(routes::orders::list_orders))

@@ -21,7 +21,9 @@ use super::report::{Percentiles, Polling, Summary};
 use super::schedule::Schedule;
 use super::{Mode, Plan};
 
-/// The first status poll comes this long after the 202...
+/// A long poll asks the server to wait this long for the order to end (then asks again).
+pub const LONG_POLL_WAIT: Duration = Duration::from_secs(5);
+/// With `--poll`, the first status poll comes this long after the 202...
 pub const POLL_FIRST: Duration = Duration::from_millis(2);
 /// ...then each interval grows by this factor...
 pub const POLL_GROWTH: f64 = 1.5;
@@ -65,6 +67,10 @@ struct Ctx {
     max_in_flight: usize,
     /// GET polls in flight.
     pollers: Semaphore,
+    /// Plain polls (`--poll`) instead of long polls.
+    poll: bool,
+    /// What a long poll asks the server to wait: within the request timeout.
+    long_poll_wait: Duration,
     /// Orders being followed to confirmation.
     tracked: Arc<Semaphore>,
     next_order: AtomicU64,
@@ -181,6 +187,8 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         in_flight: Arc::new(Semaphore::new(plan.max_in_flight as usize)),
         max_in_flight: plan.max_in_flight as usize,
         pollers: Semaphore::new(plan.pollers as usize),
+        poll: plan.poll,
+        long_poll_wait: LONG_POLL_WAIT.min(plan.timeout / 2),
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
@@ -252,7 +260,11 @@ fn summarize(plan: &Plan, stats: &Stats, elapsed: Duration, generator_cpu: Optio
         skus: plan.skus,
         pollers: plan.pollers,
         max_in_flight: plan.max_in_flight,
-        polling: Polling { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH },
+        polling: if plan.poll {
+            Polling::Intervals { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH }
+        } else {
+            Polling::LongPoll { wait: LONG_POLL_WAIT.min(plan.timeout / 2) }
+        },
         scheduled: match plan.mode {
             Mode::Open { rate } => Some(Schedule::new(rate, plan.duration).sends()),
             Mode::Closed { .. } => None,
@@ -485,20 +497,27 @@ async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure
     Ok(Accepted { id: order.id, customer, at: answered })
 }
 
-/// Polls `GET /v1/orders/{id}` (2 ms, then 1.5x longer intervals up to 20 ms, at most
-/// `pollers` polls in flight) until the order is confirmed or cancelled, or the grace period
-/// is over (then it counts as unconfirmed). The confirm latency is taken when the poll that
-/// saw `confirmed` is answered: an upper bound, late by at most one interval, the wait for a
-/// poller slot (reported as `poll_wait`) and one round trip.
+/// Follows an order until it is confirmed or cancelled, or the grace period is over (then it
+/// counts as unconfirmed): by long polls (`GET /v1/orders/{id}?wait_ms=`, each answered when
+/// the order ends or the wait runs out), or with `--poll` by plain polls (2 ms, then 1.5x
+/// longer intervals up to 20 ms). At most `pollers` requests are in flight. The confirm
+/// latency is taken when the answer that shows `confirmed` arrives: late by the wait for a
+/// poller slot (reported as `poll_wait`), one trip, and with `--poll` up to one interval.
 async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
-    let url = format!("{}/{}", ctx.orders_url, order.id);
+    let base = format!("{}/{}", ctx.orders_url, order.id);
     let token = &ctx.tokens[order.customer];
     let mut interval = POLL_FIRST;
     loop {
         if Instant::now() >= ctx.hard_deadline {
             return;
         }
-        sleep_until((Instant::now() + interval).min(ctx.hard_deadline)).await;
+        let url = if ctx.poll {
+            sleep_until((Instant::now() + interval).min(ctx.hard_deadline)).await;
+            base.clone()
+        } else {
+            let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
+            format!("{base}?wait_ms={}", ctx.long_poll_wait.min(left).as_millis())
+        };
         let queued = Instant::now();
         let Ok(Ok(_poller)) = timeout_at(ctx.hard_deadline, ctx.pollers.acquire()).await else {
             return;
@@ -516,9 +535,13 @@ async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
                 return;
             }
             Ok(OrderStatus::Pending | OrderStatus::Reserved | OrderStatus::Paid) => {}
-            Err(Some(status)) => count(&ctx.stats.poll_errors_by_status, status),
+            Err(Some(status)) => {
+                count(&ctx.stats.poll_errors_by_status, status);
+                sleep(POLL_MAX).await; // no tight loop of errors
+            }
             Err(None) => {
                 ctx.stats.poll_transport_errors.fetch_add(1, Relaxed);
+                sleep(POLL_MAX).await;
             }
         }
         interval = interval.mul_f64(POLL_GROWTH).min(POLL_MAX);

@@ -15,11 +15,13 @@
 //!   off when the server slows.
 //!
 //! Two latencies per order: `POST /v1/orders` until its `202`, and that `202` until the
-//! order is `confirmed`, observed by polling `GET /v1/orders/{id}` (first after 2 ms, then
-//! 1.5x longer intervals up to 20 ms, at most `--pollers` polls in flight). Polling limits
-//! the confirm figure's resolution: it is an upper bound, late by up to one poll interval
-//! plus one round trip. After `--duration`, the run waits up to `--grace` for outstanding
-//! confirmations; orders still not terminal then are `unconfirmed`.
+//! order is `confirmed`, observed by a long poll, `GET /v1/orders/{id}?wait_ms=5000`, that
+//! the server answers when the order ends (one request per order, late by one response's
+//! trip). `--poll` observes it by plain polling instead (first after 2 ms, then 1.5x longer
+//! intervals up to 20 ms), as a client of a server without long polls would: an upper
+//! bound, late by up to one poll interval, and several requests per order. At most
+//! `--pollers` of either are in flight. After `--duration`, the run waits up to `--grace`
+//! for outstanding confirmations; orders still not terminal then are `unconfirmed`.
 
 mod load;
 mod report;
@@ -75,9 +77,13 @@ pub struct BenchArgs {
     /// dropped and counted instead of queued.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_in_flight: u32,
-    /// Most status polls (GET /v1/orders/{id}) in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    pollers: u32,
+    /// Most status requests (GET /v1/orders/{id}) in flight at once [default: 1024 long polls,
+    /// 64 with --poll].
+    #[arg(long, value_name = "N")]
+    pollers: Option<u32>,
+    /// Observe confirmations by polling every few ms instead of one long poll per order.
+    #[arg(long)]
+    poll: bool,
     /// After --duration, how long to wait for outstanding confirmations.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -117,6 +123,8 @@ pub struct Plan {
     pub skus: u32,
     pub max_in_flight: u32,
     pub pollers: u32,
+    /// Plain polling instead of long polls.
+    pub poll: bool,
     pub grace: Duration,
     pub timeout: Duration,
     pub json: bool,
@@ -167,7 +175,8 @@ impl BenchArgs {
         if !(1..=MAX_SKUS).contains(&self.skus) {
             return Err(format!("--skus must be between 1 and {MAX_SKUS} (got {})", self.skus));
         }
-        if self.pollers == 0 {
+        let pollers = self.pollers.unwrap_or(if self.poll { 64 } else { 1024 });
+        if pollers == 0 {
             return Err("--pollers must be at least 1".into());
         }
         if self.grace > MAX_GRACE {
@@ -183,7 +192,8 @@ impl BenchArgs {
             customers: self.customers,
             skus: self.skus,
             max_in_flight: self.max_in_flight,
-            pollers: self.pollers,
+            pollers,
+            poll: self.poll,
             grace: self.grace,
             timeout: self.timeout,
             json: self.json,

@@ -40,10 +40,12 @@ impl Percentiles {
 
 /// How confirmations were observed, for the note under the table.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Polling {
-    pub first: Duration,
-    pub max: Duration,
-    pub growth: f64,
+pub enum Polling {
+    /// One `GET /v1/orders/{id}?wait_ms=` at a time, each answered when the order ends (or
+    /// after `wait`, then asked again).
+    LongPoll { wait: Duration },
+    /// Plain `GET`s, `first` after the 202, then `growth` times longer intervals up to `max`.
+    Intervals { first: Duration, max: Duration, growth: f64 },
 }
 
 /// Everything a run counted.
@@ -218,14 +220,22 @@ impl Summary {
 
     /// Caveats that apply to this run's figures.
     fn notes(&self) -> Vec<String> {
-        let mut notes = vec![format!(
-            "confirm latency is observed by polling GET /v1/orders/{{id}} ({} ms after the 202, then x{} up to every {} ms, \
-             at most {} polls in flight): each figure is an upper bound, late by up to one poll interval plus one round trip",
-            self.polling.first.as_millis(),
-            self.polling.growth,
-            self.polling.max.as_millis(),
-            self.pollers
-        )];
+        let mut notes = vec![match self.polling {
+            Polling::LongPoll { wait } => format!(
+                "confirm latency is observed by long polls (GET /v1/orders/{{id}}?wait_ms={}, at most {} in flight), \
+                 answered when the order ends: each figure is late by one response's trip",
+                wait.as_millis(),
+                self.pollers
+            ),
+            Polling::Intervals { first, max, growth } => format!(
+                "confirm latency is observed by polling GET /v1/orders/{{id}} ({} ms after the 202, then x{growth} up \
+                 to every {} ms, at most {} polls in flight): each figure is an upper bound, late by up to one poll \
+                 interval plus one round trip",
+                first.as_millis(),
+                max.as_millis(),
+                self.pollers
+            ),
+        }];
         if let Mode::Closed { .. } = self.mode {
             notes.push(
                 "closed loop: a worker waits for each answer before sending again, so a slow server lowers the \
@@ -253,8 +263,12 @@ impl Summary {
         if self.errors_by_status.contains_key(&429) || self.poll_errors_by_status.contains_key(&429) {
             notes.push("429s are per-subject rate limits: raise --customers to spread the load".into());
         }
+        let coarse_after = match self.polling {
+            Polling::LongPoll { .. } => Duration::from_millis(5),
+            Polling::Intervals { max, .. } => max,
+        };
         if let Some(wait) = self.poll_wait
-            && wait.p99 > self.polling.max.as_secs_f64() * 1000.0
+            && wait.p99 > coarse_after.as_secs_f64() * 1000.0
         {
             notes.push(format!(
                 "polls waited for one of the {} pollers (p99 {} ms): the confirm figure's resolution is that \
@@ -318,8 +332,17 @@ impl Summary {
         object.insert("poll_errors".into(), json!(self.poll_errors()));
         object.insert("poll_errors_by_status".into(), status_map(&self.poll_errors_by_status));
         object.insert("poll_transport_errors".into(), json!(self.poll_transport_errors));
-        object.insert("poll_first_ms".into(), json!(round3(self.polling.first.as_secs_f64() * 1000.0)));
-        object.insert("poll_max_interval_ms".into(), json!(round3(self.polling.max.as_secs_f64() * 1000.0)));
+        match self.polling {
+            Polling::LongPoll { wait } => {
+                object.insert("confirm_by".into(), json!("long_poll"));
+                object.insert("long_poll_wait_ms".into(), json!(round3(wait.as_secs_f64() * 1000.0)));
+            }
+            Polling::Intervals { first, max, .. } => {
+                object.insert("confirm_by".into(), json!("poll"));
+                object.insert("poll_first_ms".into(), json!(round3(first.as_secs_f64() * 1000.0)));
+                object.insert("poll_max_interval_ms".into(), json!(round3(max.as_secs_f64() * 1000.0)));
+            }
+        }
         object.insert(
             "generator_cpu_s".into(),
             self.generator_cpu.map_or(Value::Null, |d| json!(round3(d.as_secs_f64()))),
@@ -385,7 +408,11 @@ mod tests {
             skus: 100,
             pollers: 64,
             max_in_flight: 4096,
-            polling: Polling { first: Duration::from_millis(2), max: Duration::from_millis(20), growth: 1.5 },
+            polling: Polling::Intervals {
+                first: Duration::from_millis(2),
+                max: Duration::from_millis(20),
+                growth: 1.5,
+            },
             scheduled: None,
             sent: 40_010,
             placed: 40_000,

@@ -45,6 +45,9 @@ pub struct Settings {
     pub payment_deadline: Duration,
     /// One provider call's timeout.
     pub payment_call_timeout: Duration,
+    /// How long a new payment request waits for the provider's first answer before it is
+    /// committed on its own and the charge goes on in the background (see `payment.rs`).
+    pub payment_inline_wait: Duration,
     pub payment_backoff: Backoff,
     pub breaker_failure_threshold: u32,
     pub breaker_cooldown: Duration,
@@ -67,6 +70,7 @@ impl Default for Settings {
         Self {
             payment_deadline: Duration::from_secs(30),
             payment_call_timeout: Duration::from_secs(2),
+            payment_inline_wait: Duration::from_millis(100),
             payment_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             breaker_failure_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),

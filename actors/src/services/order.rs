@@ -30,9 +30,10 @@ use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub enum OrderMsg {
@@ -89,28 +90,69 @@ pub struct OrderDeps {
 
 /// The state of every order whose entity is in memory, as of its last durable change. Clients
 /// poll an order until it is confirmed: answering from here costs no store read (a sled range
-/// scan cost as much CPU as a tenth of the whole saga) and no message to a busy entity.
+/// scan cost as much CPU as a tenth of the whole saga) and no message to a busy entity. It is
+/// also where a client waiting for an order's outcome (a long poll) is woken: every change
+/// of a live order, and its passivation, wakes the waiters of that order.
 #[derive(Clone, Default)]
-pub struct LiveOrders(Arc<std::sync::Mutex<std::collections::HashMap<OrderId, Order>>>);
+pub struct LiveOrders(Arc<std::sync::Mutex<LiveState>>);
+
+#[derive(Default)]
+struct LiveState {
+    orders: HashMap<OrderId, Order>,
+    waiters: HashMap<OrderId, Vec<oneshot::Sender<()>>>,
+}
+
+impl LiveState {
+    fn wake(&mut self, id: OrderId) {
+        for waiter in self.waiters.remove(&id).into_iter().flatten() {
+            let _ = waiter.send(());
+        }
+    }
+}
 
 impl LiveOrders {
-    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<OrderId, Order>> {
+    fn state(&self) -> std::sync::MutexGuard<'_, LiveState> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self, id: OrderId) -> Option<Order> {
-        self.map().get(&id).cloned()
+        self.state().orders.get(&id).cloned()
     }
 
     fn set(&self, order: &Order) {
-        self.map().insert(order.id, order.clone());
+        let mut state = self.state();
+        state.orders.insert(order.id, order.clone());
+        state.wake(order.id);
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
     fn forget(&self, order: &Order) {
-        let mut map = self.map();
-        if map.get(&order.id).is_some_and(|live| live.version == order.version) {
-            map.remove(&order.id);
+        let mut state = self.state();
+        if state.orders.get(&order.id).is_some_and(|live| live.version == order.version) {
+            state.orders.remove(&order.id);
+            state.wake(order.id);
+        }
+    }
+
+    /// Resolves at the next change of `id` (or its passivation). Register before reading the
+    /// order, so a change between the read and the wait is not missed.
+    fn changed(&self, id: OrderId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.state();
+        let waiters = state.waiters.entry(id).or_default();
+        waiters.retain(|w| !w.is_closed()); // waiters that gave up
+        waiters.push(tx);
+        rx
+    }
+
+    /// Drops the registrations of waiters of `id` that gave up.
+    fn forget_waiters(&self, id: OrderId) {
+        let mut state = self.state();
+        if let Some(waiters) = state.waiters.get_mut(&id) {
+            waiters.retain(|w| !w.is_closed());
+            if waiters.is_empty() {
+                state.waiters.remove(&id);
+            }
         }
     }
 }
@@ -537,10 +579,15 @@ fn rejection_error(rejection: OrderRejection) -> ServiceError {
 // ------------------------------------------------------------------------------------------
 // Indexes (in the order store's index keyspace), kept in the same commit as the events:
 //   c/<customer>\0<order id>          every order of a customer
-//   cs/<customer>\0<status>\0<order>  a customer's orders by status
-//   s/<status>\0<order id>            every order by status (admin)
 //   a/<order id>                      every order (admin)
 //   r/<order id>                      orders whose saga is not done (recovery at start)
+// Status is not indexed: a listing reads every order it returns anyway, so it filters on the
+// order itself. Indexing status cost four more keys per status change (a third of all the
+// order store's writes per order); the price is that a filtered page may scan past orders
+// that do not match (bounded by `LIST_SCAN_BUDGET`).
+
+/// Index entries a filtered listing page looks at before it returns what it found.
+const LIST_SCAN_BUDGET: usize = 5_000;
 
 const SEP: u8 = 0;
 
@@ -557,20 +604,10 @@ fn key(parts: &[&[u8]]) -> Vec<u8> {
 
 fn index_changes(before: Option<&Order>, after: &Order, batch: &mut WriteBatch) {
     let id = after.id.to_string();
-    let customer = after.customer.as_str().as_bytes();
     if before.is_none() {
+        let customer = after.customer.as_str().as_bytes();
         batch.index_put.push((key(&[b"c", customer, id.as_bytes()]), vec![]));
         batch.index_put.push((key(&[b"a", id.as_bytes()]), vec![]));
-    }
-    let status_keys = |o: &Order| {
-        let status = o.status.as_str().as_bytes();
-        [key(&[b"cs", customer, status, id.as_bytes()]), key(&[b"s", status, id.as_bytes()])]
-    };
-    if before.is_none_or(|b| b.status != after.status) {
-        if let Some(b) = before {
-            batch.index_delete.extend(status_keys(b));
-        }
-        batch.index_put.extend(status_keys(after).map(|k| (k, vec![])));
     }
     let running = |o: &Order| o.next_step() != SagaStep::Done;
     match (before.is_some_and(running), running(after)) {
@@ -817,6 +854,48 @@ impl OrderService {
         Ok(self.read(id)?.filter(|o| requester.may_see(o)))
     }
 
+    /// Reads an order like [`Self::get`], but if it is not yet confirmed or cancelled, waits up
+    /// to `wait` for it to be (a long poll: one request instead of a client's polling loop).
+    /// Returns the order as it is when it ends or when `wait` runs out.
+    pub async fn get_when_terminal(
+        &self,
+        id: OrderId,
+        requester: &Requester,
+        wait: Duration,
+    ) -> Result<Option<Order>, ServiceError> {
+        match locate(&self.placement, "order", &id.to_string())? {
+            None => self.get_when_terminal_local(id, requester, wait).await,
+            Some(remote) => {
+                let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                let request = OrderRequest::GetWhenTerminal { id, requester: requester.clone(), wait_ms };
+                call(&remote, "order", &request, wait + self.settings.call_timeout).await
+            }
+        }
+    }
+
+    pub(crate) async fn get_when_terminal_local(
+        &self,
+        id: OrderId,
+        requester: &Requester,
+        wait: Duration,
+    ) -> Result<Option<Order>, ServiceError> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.live.changed(id);
+            let order = self.get_local(id, requester)?;
+            if order.as_ref().is_none_or(|o| o.status.is_terminal()) {
+                self.live.forget_waiters(id);
+                return Ok(order);
+            }
+            // An order whose entity is not in memory (after a restart, before recovery reached
+            // it) is woken by its activation; the timeout bounds the wait in every case.
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                self.live.forget_waiters(id);
+                return self.get_local(id, requester);
+            }
+        }
+    }
+
     /// The order as of its last durable change: from its live entity if it has one, else from
     /// the store (no actor is activated).
     fn read(&self, id: OrderId) -> Result<Option<Order>, ServiceError> {
@@ -856,9 +935,8 @@ impl OrderService {
         let query = ListQuery { limit, ..query.clone() };
         let Some(cluster) = &self.placement else { return self.list_local_blocking(query).await };
         let mut pages = Vec::new();
-        let mut more = false;
         for member in cluster.members_of("order")? {
-            let (orders, next) = match cluster.target("order", &member)? {
+            pages.push(match cluster.target("order", &member)? {
                 Target::Local => {
                     let page = self.list_local_blocking(query.clone()).await?;
                     (page.orders, page.next)
@@ -868,11 +946,9 @@ impl OrderService {
                     call::<_, (Vec<Order>, Option<OrderId>)>(&remote, "order", &request, self.settings.call_timeout)
                         .await?
                 }
-            };
-            more |= next.is_some();
-            pages.push(orders);
+            });
         }
-        let (orders, next) = merge_pages(pages, limit, more);
+        let (orders, next) = merge_pages(pages, limit);
         Ok(OrderPage { orders, next })
     }
 
@@ -884,33 +960,45 @@ impl OrderService {
             .map_err(|e| ServiceError::Storage(format!("order listing task failed: {e}")))?
     }
 
-    /// Lists this node's orders from its indexes, in id (creation) order.
+    /// Lists this node's orders from its indexes, in id (creation) order. With a status
+    /// filter, a page stops after `LIST_SCAN_BUDGET` index entries even if it holds fewer than
+    /// `limit` orders; its `next` then says where to go on.
     pub(crate) fn list_local(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
         let limit = query.limit.clamp(1, 500);
-        let status = query.status.map(|s| s.as_str().as_bytes());
-        let prefix = match (&query.customer, status) {
-            (Some(c), Some(s)) => key(&[b"cs", c.as_str().as_bytes(), s, b""]),
-            (Some(c), None) => key(&[b"c", c.as_str().as_bytes(), b""]),
-            (None, Some(s)) => key(&[b"s", s, b""]),
-            (None, None) => key(&[b"a", b""]),
+        let store = self.store()?;
+        let prefix = match &query.customer {
+            Some(c) => key(&[b"c", c.as_str().as_bytes(), b""]),
+            None => key(&[b"a", b""]),
         };
-        let start_after = query.after.map(|id| {
-            let mut k = prefix.clone();
-            k.extend_from_slice(id.to_string().as_bytes());
-            k
-        });
-        let entries = self.store()?.index_scan(&prefix, start_after.as_deref(), limit + 1)?;
-        let more = entries.len() > limit;
+        let position = |id: OrderId| [prefix.as_slice(), id.to_string().as_bytes()].concat();
+        let mut after = query.after.map(position);
         let mut orders = Vec::with_capacity(limit);
-        for (k, _) in entries.into_iter().take(limit) {
-            let raw = std::str::from_utf8(&k[prefix.len()..]).map_err(|e| ServiceError::Storage(e.to_string()))?;
-            let id = OrderId::parse(raw).map_err(|e| ServiceError::Storage(e.to_string()))?;
-            if let Some(order) = self.read(id)? {
-                orders.push(order);
+        let mut scanned = 0;
+        loop {
+            let chunk = limit + 1;
+            let entries = store.index_scan(&prefix, after.as_deref(), chunk)?;
+            let exhausted = entries.len() < chunk;
+            for (k, _) in entries {
+                let raw = std::str::from_utf8(&k[prefix.len()..]).map_err(|e| ServiceError::Storage(e.to_string()))?;
+                let id = OrderId::parse(raw).map_err(|e| ServiceError::Storage(e.to_string()))?;
+                let matches = |o: &Order| query.status.is_none_or(|s| o.status == s);
+                if let Some(order) = self.read(id)?.filter(matches) {
+                    if orders.len() == limit {
+                        // One more than fits: the page is full and there is a next one.
+                        return Ok(OrderPage { next: orders.last().map(|o: &Order| o.id), orders });
+                    }
+                    orders.push(order);
+                }
+                scanned += 1;
+                after = Some(k);
+                if scanned >= LIST_SCAN_BUDGET {
+                    return Ok(OrderPage { orders, next: Some(id) });
+                }
+            }
+            if exhausted {
+                return Ok(OrderPage { orders, next: None });
             }
         }
-        let next = if more { orders.last().map(|o| o.id) } else { None };
-        Ok(OrderPage { orders, next })
     }
 
     /// Delivers the payment service's verdict (used by the payment outbox relay) to the node

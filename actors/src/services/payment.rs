@@ -55,6 +55,16 @@ pub enum ChargeResult {
     Failed { reason: String },
 }
 
+impl ChargeResult {
+    fn into_command(self) -> PaymentCommand {
+        match self {
+            ChargeResult::Captured { charge_id } => PaymentCommand::RecordCaptured { charge_id },
+            ChargeResult::Declined { reason } => PaymentCommand::RecordDeclined { reason },
+            ChargeResult::Failed { reason } => PaymentCommand::RecordFailed { reason },
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PaymentDeps {
     pub store: Store,
@@ -109,8 +119,7 @@ impl Entity for PaymentEntity {
         let deps = ctx.deps();
         match msg {
             PaymentMsg::Request { event_id, amount, token, deadline_at, reply } => {
-                let command = PaymentCommand::Request { order: self.order, amount, token, deadline_at };
-                let result = self.execute_once(deps, &event_id, command).await;
+                let result = self.request(ctx, &event_id, amount, token, deadline_at).await;
                 let _ = reply.send(result);
                 self.start_pending_work(ctx);
             }
@@ -121,17 +130,12 @@ impl Entity for PaymentEntity {
             }
             PaymentMsg::ChargeFinished(result) => {
                 self.task = None;
-                let command = match result {
-                    ChargeResult::Captured { charge_id } => PaymentCommand::RecordCaptured { charge_id },
-                    ChargeResult::Declined { reason } => PaymentCommand::RecordDeclined { reason },
-                    ChargeResult::Failed { reason } => PaymentCommand::RecordFailed { reason },
-                };
-                self.execute(deps, command, None).await?;
+                self.execute(deps, &[result.into_command()], None).await?;
                 self.start_pending_work(ctx);
             }
             PaymentMsg::RefundFinished { refund_id } => {
                 self.task = None;
-                self.execute(deps, PaymentCommand::RecordRefunded { refund_id }, None).await?;
+                self.execute(deps, &[PaymentCommand::RecordRefunded { refund_id }], None).await?;
                 metrics::counter!("payments_refunded_total").increment(1);
             }
             PaymentMsg::Resume => self.start_pending_work(ctx),
@@ -144,6 +148,44 @@ impl Entity for PaymentEntity {
 }
 
 impl PaymentEntity {
+    /// Takes the order's payment request (at most once: inbox dedup on `event_id`).
+    ///
+    /// A new payment is charged right away while the relay waits: when the provider decides
+    /// within `payment_inline_wait`, the request and its outcome are committed together (one
+    /// commit, no task, no message; the common case). Otherwise the request is committed alone
+    /// and the same charge, still running, goes on in a task that reports by message. Charging
+    /// before the request is durable is safe: the order id is the provider's idempotency key,
+    /// so after a crash the redelivered request gets the same charge back, not a second one.
+    async fn request(
+        &mut self,
+        ctx: &EntityContext<Self>,
+        event_id: &str,
+        amount: Money,
+        token: PaymentToken,
+        deadline_at: UnixMillis,
+    ) -> Result<(), ServiceError> {
+        let deps = ctx.deps();
+        if deps.store.inbox_contains(event_id)? {
+            return Ok(());
+        }
+        let inbox = Some(event_id.to_string());
+        let charge = ChargeRequest { idempotency_key: self.order.to_string(), amount, token: token.clone() };
+        let command = PaymentCommand::Request { order: self.order, amount, token, deadline_at };
+        if self.payment.is_some() {
+            return self.execute(deps, &[command], inbox).await;
+        }
+        let mut charge = Box::pin(charge_until_deadline(deps.clone(), charge, deadline_at));
+        match tokio::time::timeout(deps.settings.payment_inline_wait, charge.as_mut()).await {
+            Ok(result) => self.execute(deps, &[command, result.into_command()], inbox).await,
+            Err(_still_charging) => {
+                self.execute(deps, &[command], inbox).await?;
+                let mailbox = ctx.mailbox();
+                self.task = Some(tokio::spawn(async move { mailbox.send(PaymentMsg::ChargeFinished(charge.await)) }));
+                Ok(())
+            }
+        }
+    }
+
     /// Runs a command from another service's event at most once (inbox dedup on `event_id`).
     async fn execute_once(
         &mut self,
@@ -154,24 +196,28 @@ impl PaymentEntity {
         if deps.store.inbox_contains(event_id)? {
             return Ok(());
         }
-        self.execute(deps, command, Some(event_id.to_string())).await
+        self.execute(deps, &[command], Some(event_id.to_string())).await
     }
 
-    /// Decides, persists (with the settlement event for the order when the charge is final)
-    /// and applies.
+    /// Decides `commands` one after the other, persists their events in one commit (with the
+    /// settlement event for the order when the charge is final) and applies them.
     async fn execute(
         &mut self,
         deps: &PaymentDeps,
-        command: PaymentCommand,
+        commands: &[PaymentCommand],
         inbox: Option<String>,
     ) -> Result<(), ServiceError> {
-        let events =
-            Payment::decide(self.payment.as_ref(), &command).map_err(|r| ServiceError::Invalid(r.to_string()))?;
+        let mut events = Vec::new();
+        let mut after = self.payment.clone();
+        for command in commands {
+            let decided = Payment::decide(after.as_ref(), command).map_err(|r| ServiceError::Invalid(r.to_string()))?;
+            after = decided.iter().fold(after, Payment::apply);
+            events.extend(decided);
+        }
         if events.is_empty() && inbox.is_none() {
             return Ok(());
         }
         let before_version = self.payment.as_ref().map_or(0, |p| p.version);
-        let after = events.iter().fold(self.payment.clone(), Payment::apply);
         let mut batch = WriteBatch { inbox: inbox.into_iter().collect(), ..WriteBatch::default() };
         if !events.is_empty() {
             batch.appends.push(Append {
@@ -224,7 +270,9 @@ impl PaymentEntity {
             PaymentStep::Charge { deadline_at } => {
                 let Some(token) = payment.token.clone() else { return };
                 let request = ChargeRequest { idempotency_key: self.order.to_string(), amount: payment.amount, token };
-                Some(tokio::spawn(charge_until_deadline(deps, request, deadline_at, mailbox)))
+                Some(tokio::spawn(async move {
+                    mailbox.send(PaymentMsg::ChargeFinished(charge_until_deadline(deps, request, deadline_at).await));
+                }))
             }
             PaymentStep::Refund => {
                 let Some(charge_id) = payment.charge_id.clone() else { return };
@@ -237,15 +285,10 @@ impl PaymentEntity {
 }
 
 /// Charges with retries until the provider decides or the deadline passes.
-async fn charge_until_deadline(
-    deps: PaymentDeps,
-    request: ChargeRequest,
-    deadline_at: UnixMillis,
-    mailbox: Mailbox<PaymentMsg>,
-) {
+async fn charge_until_deadline(deps: PaymentDeps, request: ChargeRequest, deadline_at: UnixMillis) -> ChargeResult {
     let settings = &deps.settings;
     let mut attempt = 0u32;
-    let result = loop {
+    loop {
         let remaining = Duration::from_millis(deadline_at.saturating_sub(now_ms()));
         if remaining.is_zero() {
             break ChargeResult::Failed { reason: format!("payment deadline passed after {attempt} attempts") };
@@ -275,8 +318,7 @@ async fn charge_until_deadline(
         let remaining = Duration::from_millis(deadline_at.saturating_sub(now_ms()));
         tokio::time::sleep(settings.payment_backoff.delay(attempt).min(remaining)).await;
         attempt = attempt.saturating_add(1);
-    };
-    mailbox.send(PaymentMsg::ChargeFinished(result));
+    }
 }
 
 /// Refunds with retries until the provider confirms (a refund owed is never dropped).

@@ -89,7 +89,12 @@ pub enum OrderRequest {
     List { query: ListQuery },
     /// -> `WireResult<()>`
     PaymentSettled { order: OrderId, event_id: String, outcome: PaymentOutcome },
+    /// -> `WireResult<Option<Order>>`, once the order is terminal or `wait_ms` has passed
+    GetWhenTerminal { id: OrderId, requester: Requester, wait_ms: u64 },
 }
+
+/// Longest long poll a node serves for another (the gateway asks for less).
+const MAX_REMOTE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PaymentRequest {
@@ -173,6 +178,10 @@ impl WireHandler for OrderWire {
                 OrderRequest::PaymentSettled { order, event_id, outcome } => {
                     answer(orders.payment_settled_local(order, event_id, outcome).await)
                 }
+                OrderRequest::GetWhenTerminal { id, requester, wait_ms } => {
+                    let wait = Duration::from_millis(wait_ms).min(MAX_REMOTE_WAIT);
+                    answer(orders.get_when_terminal_local(id, &requester, wait).await)
+                }
             }
         })
     }
@@ -190,21 +199,69 @@ impl WireHandler for PaymentWire {
     }
 }
 
-/// Merges per-node pages of orders (each sorted by id) into one page of `limit`.
-/// `more`: some node had more than its page.
-pub(crate) fn merge_pages(pages: Vec<Vec<Order>>, limit: usize, more: bool) -> (Vec<Order>, Option<OrderId>) {
-    let mut all: Vec<Order> = pages.into_iter().flatten().collect();
+/// Merges per-node pages of orders (each sorted by id, with the position the node's scan
+/// reached, `None` when it reached its end) into one page of at most `limit`. Past the lowest
+/// position some node stopped at, that node's orders are unknown, so the page ends there.
+pub(crate) fn merge_pages(pages: Vec<(Vec<Order>, Option<OrderId>)>, limit: usize) -> (Vec<Order>, Option<OrderId>) {
+    let reached = pages.iter().filter_map(|(_, next)| *next).min();
+    let mut all: Vec<Order> =
+        pages.into_iter().flat_map(|(orders, _)| orders).filter(|o| reached.is_none_or(|r| o.id <= r)).collect();
     all.sort_by_key(|o| o.id);
     all.dedup_by_key(|o| o.id);
-    let more = more || all.len() > limit;
-    all.truncate(limit);
-    let next = if more { all.last().map(|o| o.id) } else { None };
-    (all, next)
+    if all.len() > limit {
+        all.truncate(limit);
+        let next = all.last().map(|o| o.id);
+        return (all, next);
+    }
+    (all, reached)
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn order(n: u128) -> Order {
+        use crate::domain::{CustomerId, Money, OrderEvent, OrderLine, PaymentToken, Quantity, Sku};
+        let line = OrderLine {
+            sku: Sku::parse("s").unwrap(),
+            quantity: Quantity::new(1).unwrap(),
+            unit_price: Money::from_cents(1),
+        };
+        let placed = OrderEvent::Placed {
+            id: OrderId::from_u128(n),
+            customer: CustomerId::parse("c").unwrap(),
+            lines: vec![line],
+            total: Money::from_cents(1),
+            payment_token: PaymentToken::parse("tok_visa").unwrap(),
+            deadline_at: 1,
+            at: 0,
+        };
+        Order::apply(None, &placed).unwrap()
+    }
+
+    fn ids(orders: &[Order]) -> Vec<OrderId> {
+        orders.iter().map(|o| o.id).collect()
+    }
+
+    fn id(n: u128) -> OrderId {
+        OrderId::from_u128(n)
+    }
+
+    #[test]
+    fn merged_pages_end_where_the_shortest_scan_stopped() {
+        // Node a scanned up to 5 (a filtered page cut short), node b to its end.
+        let pages = vec![(vec![order(1), order(4)], Some(id(5))), (vec![order(2), order(6), order(7)], None)];
+        let (orders, next) = merge_pages(pages, 10);
+        assert_eq!((ids(&orders), next), (vec![id(1), id(2), id(4)], Some(id(5))));
+        // Everything fits and every node reached its end: no next page.
+        let (orders, next) = merge_pages(vec![(vec![order(3)], None), (vec![order(1)], None)], 10);
+        assert_eq!((ids(&orders), next), (vec![id(1), id(3)], None));
+        // More than a page: cut at `limit`, next is the last one returned.
+        let pages = vec![(vec![order(1), order(3)], Some(id(3))), (vec![order(2), order(4)], Some(id(4)))];
+        let (orders, next) = merge_pages(pages, 2);
+        assert_eq!((ids(&orders), next), (vec![id(1), id(2)], Some(id(2))));
+    }
 
     #[test]
     fn service_errors_survive_the_wire() {

@@ -15,7 +15,7 @@ use ordermesh_actors::domain::{CustomerId, OrderId};
 use ordermesh_actors::services::order::{ListQuery, Requester};
 
 use crate::AppState;
-use crate::api::{self, ListOrdersParams, OrderPage, PlaceOrderRequest, encode_page_token};
+use crate::api::{self, GetOrderParams, ListOrdersParams, OrderPage, PlaceOrderRequest, encode_page_token};
 use crate::auth::{Auth, Principal};
 use crate::openapi::ProblemDoc;
 use crate::problem::{JsonBody, Problem};
@@ -142,13 +142,18 @@ pub async fn place_order(
 }
 
 /// Read an order (its owner or an admin; anyone else gets 404).
+///
+/// With `wait_ms`, a long poll: the answer comes as soon as the order is `confirmed` or
+/// `cancelled`, or when the wait is over (with the order as it is then), so a client learns
+/// the outcome with one request instead of a polling loop.
 #[utoipa::path(
     get,
     path = "/v1/orders/{id}",
     tag = "orders",
-    params(("id" = String, Path, description = "Order id")),
+    params(("id" = String, Path, description = "Order id"), GetOrderParams),
     responses(
         (status = 200, description = "The order", body = api::Order),
+        (status = 400, description = "Bad or unknown query parameter", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No valid bearer token", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "No such order, or not the caller's", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 429, description = "Rate limit of this subject exceeded", body = ProblemDoc, content_type = "application/problem+json"),
@@ -160,11 +165,21 @@ pub async fn get_order(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Path(id): Path<String>,
+    uri: Uri,
 ) -> Result<Json<api::Order>, Problem> {
+    // Parsed here rather than with a `Query` argument so its rejection is our 400 problem.
+    let Query(params) = Query::<GetOrderParams>::try_from_uri(&uri)
+        .map_err(|err| Problem::bad_request(format!("bad query string: {}", err.body_text())))?;
+    let wait = params.wait()?.min(state.max_order_wait);
     let id = order_id(&id)?;
     let requester = requester_of(&principal)?;
-    let order = state.services.orders.get(id, &requester).await?.ok_or_else(order_not_found)?;
-    Ok(Json(api::Order::from(&order)))
+    let orders = &state.services.orders;
+    let order = if wait.is_zero() {
+        orders.get(id, &requester).await?
+    } else {
+        orders.get_when_terminal(id, &requester, wait).await?
+    };
+    Ok(Json(api::Order::from(&order.ok_or_else(order_not_found)?)))
 }
 
 /// List orders: a customer's own, or (admin) everyone's, optionally one customer's.

@@ -238,3 +238,34 @@ async fn listing_pages_filters_by_status_and_lets_admins_pick_a_customer() {
     let bob_cancelled = app.get("/v1/orders?customer=bob&status=cancelled", &admin).await;
     assert_eq!(bob_cancelled.expect(200)["orders"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_answers_when_the_order_ends_or_when_the_wait_is_over() {
+    let app = spawn_app().await;
+    app.set_stock("apple", 10, 150).await;
+    let alice = app.customer("alice");
+
+    // One request sees the outcome: it waits while the saga runs.
+    let id = id_of(&app.place(&alice, &[("apple", 1)], "tok_visa").await);
+    let done = app.get(&format!("/v1/orders/{id}?wait_ms=10000"), &alice).await;
+    assert_eq!(done.expect(200)["status"], "confirmed");
+
+    // A payment that never answers: the wait runs out and the order comes back unfinished.
+    let stuck = id_of(&app.place(&alice, &[("apple", 1)], "tok_timeout").await);
+    let started = std::time::Instant::now();
+    let waited = app.get(&format!("/v1/orders/{stuck}?wait_ms=300"), &alice).await;
+    let elapsed = started.elapsed();
+    assert!(["pending", "reserved"].contains(&waited.expect(200)["status"].as_str().unwrap()));
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    // Someone else's order is a 404 at once, as without waiting.
+    let bob = app.customer("bob");
+    app.get(&format!("/v1/orders/{id}?wait_ms=5000"), &bob).await.assert_problem(404);
+
+    // Bad waits and unknown parameters are 400s naming the parameter.
+    for query in ["wait_ms=soon", "wait_ms=-1", "wait_ms=60001"] {
+        let reply = app.get(&format!("/v1/orders/{id}?{query}"), &alice).await;
+        assert_eq!(reply.assert_problem(400)["field"], "wait_ms", "{query}");
+    }
+    app.get(&format!("/v1/orders/{id}?wait=1"), &alice).await.assert_problem(400);
+}
