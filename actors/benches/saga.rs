@@ -42,15 +42,11 @@ async fn run_orders(services: &Arc<Services>, count: u64, in_flight: usize) -> D
                 payment_token: PaymentToken::parse("tok_visa").expect("valid"),
             };
             let id = services.orders.place(order, None).await.expect("placed").order.id;
-            loop {
-                let order = services.orders.get(id, &Requester::Admin).await.expect("read").expect("exists");
-                if order.status.is_terminal() {
-                    assert_eq!(order.status, OrderStatus::Confirmed);
-                    break;
-                }
-                // Coarse polling: reads are not free, and a tight loop would measure the poller.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            // Waits for the outcome as an API client's long poll does (woken by the order's
+            // changes, no polling loop to measure).
+            let wait = Duration::from_secs(30);
+            let order = services.orders.get_when_terminal(id, &Requester::Admin, wait).await.expect("read");
+            assert_eq!(order.expect("exists").status, OrderStatus::Confirmed);
         }));
     }
     for t in tasks {
