@@ -543,6 +543,41 @@ impl Store {
         })
     }
 
+    /// Names of entities with events, in name order, after `after` (`None`: from the first),
+    /// at most `limit`. One seek per entity: every entity's events are one key range.
+    pub fn entities_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StorageError> {
+        let shared = self.shared();
+        let space = keys::tagged(keys::EVENT, b"");
+        let space_end = keys::prefix_end(&space)
+            .ok_or_else(|| StorageError::InvalidKey { reason: "event keyspace has no upper bound".to_owned() })?;
+        let mut start = match after {
+            Some(entity) => {
+                keys::check_entity(entity)?;
+                keys::prefix_end(&keys::event_prefix(entity))
+                    .ok_or_else(|| StorageError::InvalidKey { reason: "entity name has no upper bound".to_owned() })?
+            }
+            None => space.clone(),
+        };
+        shared.read(|db| {
+            let mut out = Vec::new();
+            while out.len() < limit {
+                let Some(item) = db.range(start.as_slice()..space_end.as_slice()).next() else { break };
+                let (key, _) = item.map_err(|e| shared.sled_error("scan entities", e))?;
+                let name = key[space.len()..]
+                    .split(|b| *b == 0)
+                    .next()
+                    .filter(|name| !name.is_empty())
+                    .ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
+                let name =
+                    std::str::from_utf8(name).map_err(|_| shared.corrupt(&key, "entity name is not UTF-8", None))?;
+                start = keys::prefix_end(&keys::event_prefix(name))
+                    .ok_or_else(|| shared.corrupt(&key, "entity name has no upper bound", None))?;
+                out.push(name.to_owned());
+            }
+            Ok(out)
+        })
+    }
+
     /// The entity's latest snapshot, if any.
     pub fn load_snapshot(&self, entity: &str) -> Result<Option<Snapshot>, StorageError> {
         keys::check_entity(entity)?;

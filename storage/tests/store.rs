@@ -704,3 +704,20 @@ async fn close_is_idempotent_and_releases_the_directory() {
     drop(clone);
     assert_eq!(reopened.version("a").unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_are_listed_in_name_order_one_page_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // "a" is a prefix of "ab": its events must not hide "ab", nor "ab"'s make "a" appear twice.
+    for (entity, events) in [("b", 3), ("a", 2), ("ab", 1), ("c", 1)] {
+        store.commit(append(entity, 0, (1..=events).map(|s| event(entity, s)).collect())).await.unwrap();
+    }
+    assert_eq!(store.entities_after(None, 10).unwrap(), ["a", "ab", "b", "c"]);
+    assert_eq!(store.entities_after(None, 2).unwrap(), ["a", "ab"]);
+    assert_eq!(store.entities_after(Some("ab"), 2).unwrap(), ["b", "c"]);
+    assert_eq!(store.entities_after(Some("a"), 1).unwrap(), ["ab"]);
+    assert_eq!(store.entities_after(Some("c"), 5).unwrap(), Vec::<String>::new());
+    assert_eq!(store.entities_after(Some("zzz"), 5).unwrap(), Vec::<String>::new());
+    assert!(store.entities_after(Some("x\0y"), 5).is_err());
+}

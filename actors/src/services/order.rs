@@ -579,12 +579,12 @@ fn rejection_error(rejection: OrderRejection) -> ServiceError {
 // ------------------------------------------------------------------------------------------
 // Indexes (in the order store's index keyspace), kept in the same commit as the events:
 //   c/<customer>\0<order id>          every order of a customer
-//   a/<order id>                      every order (admin)
 //   r/<order id>                      orders whose saga is not done (recovery at start)
-// Status is not indexed: a listing reads every order it returns anyway, so it filters on the
-// order itself. Indexing status cost four more keys per status change (a third of all the
-// order store's writes per order); the price is that a filtered page may scan past orders
-// that do not match (bounded by `LIST_SCAN_BUDGET`).
+// Every order (admin listing) needs no index: the event log's entity names are the order ids,
+// in order (`Store::entities_after`). Status is not indexed either: a listing reads every
+// order it returns anyway, so it filters on the order itself. Indexing status cost four more
+// keys per status change (a third of all the order store's writes per order); the price is
+// that a filtered page may look past orders that do not match (`LIST_SCAN_BUDGET` bounds it).
 
 /// Index entries a filtered listing page looks at before it returns what it found.
 const LIST_SCAN_BUDGET: usize = 5_000;
@@ -607,7 +607,6 @@ fn index_changes(before: Option<&Order>, after: &Order, batch: &mut WriteBatch) 
     if before.is_none() {
         let customer = after.customer.as_str().as_bytes();
         batch.index_put.push((key(&[b"c", customer, id.as_bytes()]), vec![]));
-        batch.index_put.push((key(&[b"a", id.as_bytes()]), vec![]));
     }
     let running = |o: &Order| o.next_step() != SagaStep::Done;
     match (before.is_some_and(running), running(after)) {
@@ -960,27 +959,37 @@ impl OrderService {
             .map_err(|e| ServiceError::Storage(format!("order listing task failed: {e}")))?
     }
 
-    /// Lists this node's orders from its indexes, in id (creation) order. With a status
-    /// filter, a page stops after `LIST_SCAN_BUDGET` index entries even if it holds fewer than
-    /// `limit` orders; its `next` then says where to go on.
+    /// Lists this node's orders in id (creation) order: a customer's from the `c/` index,
+    /// everyone's from the event log's entity names (every order has events; no index needed).
+    /// With a status filter, a page stops after `LIST_SCAN_BUDGET` orders looked at even if it
+    /// holds fewer than `limit`; its `next` then says where to go on.
     pub(crate) fn list_local(&self, query: &ListQuery) -> Result<OrderPage, ServiceError> {
         let limit = query.limit.clamp(1, 500);
         let store = self.store()?;
-        let prefix = match &query.customer {
-            Some(c) => key(&[b"c", c.as_str().as_bytes(), b""]),
-            None => key(&[b"a", b""]),
+        let bad = |e: String| ServiceError::Storage(format!("order listing: {e}"));
+        let ids_after = |after: Option<OrderId>, n: usize| -> Result<Vec<OrderId>, ServiceError> {
+            let names = match &query.customer {
+                Some(c) => {
+                    let prefix = key(&[b"c", c.as_str().as_bytes(), b""]);
+                    let start = after.map(|id| [prefix.as_slice(), id.to_string().as_bytes()].concat());
+                    let entries = store.index_scan(&prefix, start.as_deref(), n)?;
+                    entries
+                        .into_iter()
+                        .map(|(k, _)| String::from_utf8(k[prefix.len()..].to_vec()).map_err(|e| bad(e.to_string())))
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+                None => store.entities_after(after.map(|id| id.to_string()).as_deref(), n)?,
+            };
+            names.iter().map(|name| OrderId::parse(name).map_err(|e| bad(e.to_string()))).collect()
         };
-        let position = |id: OrderId| [prefix.as_slice(), id.to_string().as_bytes()].concat();
-        let mut after = query.after.map(position);
+        let mut after = query.after;
         let mut orders = Vec::with_capacity(limit);
         let mut scanned = 0;
         loop {
             let chunk = limit + 1;
-            let entries = store.index_scan(&prefix, after.as_deref(), chunk)?;
-            let exhausted = entries.len() < chunk;
-            for (k, _) in entries {
-                let raw = std::str::from_utf8(&k[prefix.len()..]).map_err(|e| ServiceError::Storage(e.to_string()))?;
-                let id = OrderId::parse(raw).map_err(|e| ServiceError::Storage(e.to_string()))?;
+            let ids = ids_after(after, chunk)?;
+            let exhausted = ids.len() < chunk;
+            for id in ids {
                 let matches = |o: &Order| query.status.is_none_or(|s| o.status == s);
                 if let Some(order) = self.read(id)?.filter(matches) {
                     if orders.len() == limit {
@@ -990,7 +999,7 @@ impl OrderService {
                     orders.push(order);
                 }
                 scanned += 1;
-                after = Some(k);
+                after = Some(id);
                 if scanned >= LIST_SCAN_BUDGET {
                     return Ok(OrderPage { orders, next: Some(id) });
                 }
