@@ -123,9 +123,9 @@ pub(crate) fn read_version(shared: &Shared, db: &sled::Db, prefix: &[u8]) -> Res
     };
     match db.range::<&[u8], _>(prefix..end.as_slice()).next_back() {
         None => Ok(0),
-        Some(Ok((key, _))) => {
-            keys::event_seq(prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))
-        }
+        Some(Ok((key, _))) => keys::event_seq(prefix, &key)
+            .map(|(last, _)| last)
+            .ok_or_else(|| shared.corrupt(&key, "malformed event key", None)),
         Some(Err(e)) => Err(shared.sled_error("read version", e)),
     }
 }

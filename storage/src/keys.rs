@@ -47,10 +47,62 @@ pub(crate) fn event_prefix(entity: &str) -> Vec<u8> {
 
 /// `e\0<entity>\0<seq BE>`: big-endian so that byte order is seq order.
 pub(crate) fn event_key(prefix: &[u8], seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + 8);
+    let mut key = Vec::with_capacity(prefix.len() + 9);
     key.extend_from_slice(prefix);
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// Most events one packed record holds (its count is one byte).
+pub(crate) const MAX_PACKED: usize = u8::MAX as usize;
+
+/// `e\0<entity>\0<last seq BE><count u8>`: `count` (2 to 255) events of one append, seqs
+/// `last - count + 1 ..= last`, in one record (see [`pack_events`]). Keyed by the last seq, so
+/// the entity's last key still gives its version, and a range starting at any seq the record
+/// covers still reaches it.
+pub(crate) fn packed_event_key(prefix: &[u8], last_seq: u64, count: u8) -> Vec<u8> {
+    let mut key = event_key(prefix, last_seq);
+    key.push(count);
+    key
+}
+
+/// The last seq and the number of events of an event key with the given prefix (a plain key
+/// holds one event), if it is one.
+pub(crate) fn event_seq(prefix: &[u8], key: &[u8]) -> Option<(u64, u8)> {
+    let tail = key.strip_prefix(prefix)?;
+    let (seq, count) = match tail {
+        [seq @ .., count] if tail.len() == 9 && *count >= 2 => (seq, *count),
+        seq if seq.len() == 8 => (seq, 1),
+        _ => return None,
+    };
+    let last = u64::from_be_bytes(seq.try_into().ok()?);
+    (last >= u64::from(count)).then_some((last, count))
+}
+
+/// The value of a packed record: each event as `len u32 LE` + bytes.
+pub(crate) fn pack_events(events: &[Vec<u8>]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(events.iter().map(|e| 4 + e.len()).sum());
+    for event in events {
+        value.extend_from_slice(&(event.len() as u32).to_le_bytes());
+        value.extend_from_slice(event);
+    }
+    value
+}
+
+/// The events of a packed record, or `None` if the value does not hold exactly `count`.
+pub(crate) fn unpack_events(value: &[u8], count: u8) -> Option<Vec<Vec<u8>>> {
+    let mut events = Vec::with_capacity(usize::from(count));
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return None;
+        }
+        events.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    (events.len() == usize::from(count)).then_some(events)
 }
 
 /// `o\0<id BE>`.
@@ -67,12 +119,6 @@ pub(crate) fn outbox_id(key: &[u8]) -> Option<u64> {
         [OUTBOX, 0, id @ ..] => Some(u64::from_be_bytes(id.try_into().ok()?)),
         _ => None,
     }
-}
-
-/// The seq of an event key with the given prefix, if it has one.
-pub(crate) fn event_seq(prefix: &[u8], key: &[u8]) -> Option<u64> {
-    let tail = key.strip_prefix(prefix)?;
-    Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
 /// The smallest key greater than every key starting with `prefix`, or `None` if there is none
@@ -111,6 +157,13 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<(), StorageError> {
 /// A printable description of a key for error messages: `e/order-1/#7`, `k/abc`, ...
 pub(crate) fn describe(key: &[u8]) -> String {
     match key {
+        // Packed first: in a plain key the byte 10 from the end is part of the (0x00-free) name.
+        [EVENT, 0, rest @ ..] if rest.len() > 10 && rest[rest.len() - 10] == 0 => {
+            let (name, tail) = rest.split_at(rest.len() - 10);
+            let last = u64::from_be_bytes(tail[1..9].try_into().unwrap_or([0; 8]));
+            let first = last.saturating_sub(u64::from(tail[9])) + 1;
+            format!("e/{}/#{first}-{last}", name.escape_ascii())
+        }
         [EVENT, 0, rest @ ..] if rest.len() > 9 && rest[rest.len() - 9] == 0 => {
             let (name, seq) = rest.split_at(rest.len() - 9);
             let seq = u64::from_be_bytes(seq[1..].try_into().unwrap_or([0; 8]));
@@ -138,8 +191,32 @@ mod tests {
         assert!(k1 < k256);
         assert!(k256 < prefix_end(&a).expect("has end"));
         assert!(event_key(&ab, 0) >= prefix_end(&a).expect("has end"));
-        assert_eq!(event_seq(&a, &k256), Some(256));
+        assert_eq!(event_seq(&a, &k256), Some((256, 1)));
         assert_eq!(describe(&k256), "e/a/#256");
+    }
+
+    #[test]
+    fn packed_records_sort_by_their_last_seq_and_roundtrip() {
+        let a = event_prefix("a");
+        let packed = packed_event_key(&a, 7, 3); // events 5, 6, 7
+        assert!(event_key(&a, 4) < event_key(&a, 5));
+        // A range from any seq the record covers reaches it; one from after it does not.
+        for from in 5..=7 {
+            assert!(event_key(&a, from) <= packed, "from {from}");
+        }
+        assert!(event_key(&a, 8) > packed);
+        assert!(packed < prefix_end(&a).expect("has end"));
+        assert_eq!(event_seq(&a, &packed), Some((7, 3)));
+        assert_eq!(describe(&packed), "e/a/#5-7");
+        // Counts of 0 and 1 are never written packed; a count past the seq is malformed.
+        assert_eq!(event_seq(&a, &packed_event_key(&a, 7, 1)), None);
+        assert_eq!(event_seq(&a, &packed_event_key(&a, 2, 3)), None);
+
+        let events = vec![b"x".to_vec(), Vec::new(), b"yz".to_vec()];
+        let value = pack_events(&events);
+        assert_eq!(unpack_events(&value, 3), Some(events));
+        assert_eq!(unpack_events(&value, 2), None);
+        assert_eq!(unpack_events(&value[..value.len() - 1], 3), None);
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! | key                          | value                                         |
 //! |------------------------------|-----------------------------------------------|
 //! | `e\0<entity>\0<seq u64 BE>`  | event bytes (the caller's)                    |
+//! | `e\0<entity>\0<seq BE><n u8>` | the `n` (2..=255) events of one append up to `seq`, each `len u32 LE` + bytes |
 //! | `s\0<entity>`                | snapshot, codec-encoded `{seq, bytes}`        |
 //! | `o\0<id u64 BE>`             | outbox payload (the caller's)                 |
 //! | `i\0<message id>`            | empty: the message was processed              |

@@ -268,12 +268,20 @@ impl Prepared {
                 reason: format!("version of {} would overflow", append.entity),
             })?;
             let prefix = keys::event_prefix(&append.entity);
-            let events = append
-                .events
-                .into_iter()
-                .zip(append.expected_version + 1..)
-                .map(|(bytes, seq)| (keys::event_key(&prefix, seq), bytes))
-                .collect();
+            // The events of one append go into as few records as possible: every sled insert
+            // costs far more than its bytes (the orders' saga writes two events at once).
+            let mut events = Vec::new();
+            let mut last = append.expected_version;
+            for chunk in append.events.chunks(keys::MAX_PACKED) {
+                last += chunk.len() as u64;
+                match chunk {
+                    [one] => events.push((keys::event_key(&prefix, last), one.clone())),
+                    many => {
+                        let key = keys::packed_event_key(&prefix, last, many.len() as u8);
+                        events.push((key, keys::pack_events(many)));
+                    }
+                }
+            }
             appends.push(PreparedAppend {
                 prefix,
                 entity: append.entity,
@@ -519,25 +527,50 @@ impl Store {
         keys::check_entity(entity)?;
         let shared = self.shared();
         let prefix = keys::event_prefix(entity);
+        // A packed record is keyed by its last seq, so this start also finds one that holds
+        // `after_seq + 1` among earlier events.
         let start = keys::event_key(&prefix, after_seq.saturating_add(1));
         let end = keys::prefix_end(&prefix)
             .ok_or_else(|| StorageError::InvalidKey { reason: "entity name has no upper bound".to_owned() })?;
         shared.read(|db| {
             let mut out = Vec::new();
-            for (expected, item) in (after_seq.saturating_add(1)..).zip(db.range(start..end)) {
+            let mut expected = None;
+            for item in db.range(start..end) {
                 let (key, value) = item.map_err(|e| shared.sled_error("read events", e))?;
-                let seq =
+                let (last, count) =
                     keys::event_seq(&prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
+                let first = last - u64::from(count) + 1;
                 // Seqs are assigned contiguously and events are never deleted: a gap means the
                 // engine lost a record, which must not pass as a shorter history.
-                if seq != expected {
+                if let Some(expected) = expected
+                    && first != expected
+                {
                     return Err(shared.corrupt(
                         &key,
-                        format!("event sequence gap: expected seq {expected}, found {seq}"),
+                        format!("event sequence gap: expected seq {expected}, found {first}"),
                         None,
                     ));
                 }
-                out.push(StoredEvent { seq, bytes: value.to_vec() });
+                if expected.is_none() && first > after_seq.saturating_add(1) {
+                    return Err(shared.corrupt(
+                        &key,
+                        format!("event sequence gap: expected seq {}, found {first}", after_seq + 1),
+                        None,
+                    ));
+                }
+                expected = Some(last + 1);
+                if count == 1 {
+                    out.push(StoredEvent { seq: last, bytes: value.to_vec() });
+                    continue;
+                }
+                let events = keys::unpack_events(&value, count)
+                    .ok_or_else(|| shared.corrupt(&key, format!("packed record does not hold {count} events"), None))?;
+                out.extend(
+                    (first..)
+                        .zip(events)
+                        .filter(|(seq, _)| *seq > after_seq)
+                        .map(|(seq, bytes)| StoredEvent { seq, bytes }),
+                );
             }
             Ok(out)
         })

@@ -721,3 +721,27 @@ async fn entities_are_listed_in_name_order_one_page_after_another() {
     assert_eq!(store.entities_after(Some("zzz"), 5).unwrap(), Vec::<String>::new());
     assert!(store.entities_after(Some("x\0y"), 5).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_of_one_append_read_back_from_any_seq_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = |from: u64, to: u64| (from..=to).map(|s| event("order-1", s)).collect::<Vec<_>>();
+    {
+        let store = open(dir.path());
+        store.commit(append("order-1", 0, events(1, 3))).await.unwrap(); // one record: 1..=3
+        store.commit(append("order-1", 3, events(4, 4))).await.unwrap();
+        store.commit(append("order-1", 4, events(5, 6))).await.unwrap(); // one record: 5..=6
+        store.close().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.version("order-1").unwrap(), 6);
+    for after in 0..=6 {
+        let read: Vec<_> = store.read_events("order-1", after).unwrap().into_iter().map(|e| (e.seq, e.bytes)).collect();
+        let want: Vec<_> = (after + 1..=6).map(|s| (s, event("order-1", s))).collect();
+        assert_eq!(read, want, "after {after}");
+    }
+    let err = store.commit(append("order-1", 5, events(6, 6))).await.unwrap_err();
+    assert!(matches!(err, StorageError::Conflict { actual: 6, .. }), "{err:?}");
+    store.commit(append("order-1", 6, events(7, 7))).await.unwrap();
+    assert_eq!(store.read_events("order-1", 5).unwrap().len(), 2);
+}
