@@ -242,3 +242,33 @@ async fn listing_pages_through_a_customers_orders_by_status() {
     let pending = ListQuery { customer: Some(ivy), status: Some(OrderStatus::Pending), limit: 10, after: None };
     assert!(app.services.orders.list(&pending).await.unwrap().orders.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_outcomes_returns_each_at_its_end_and_leaves_no_waiter_behind() {
+    let app = start().await;
+    app.services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();
+    let orders = &app.services.orders;
+    let mut waits = Vec::new();
+    for token in ["tok_visa", "tok_chargeDeclined", "tok_visa", "tok_flaky"] {
+        let id = orders.place(new_order("alice", &[("apple", 1)], token), None).await.unwrap().order.id;
+        let orders = orders.clone();
+        waits.push(tokio::spawn(async move {
+            orders.get_when_terminal(id, &Requester::Admin, Duration::from_secs(10)).await.unwrap().unwrap()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for wait in waits {
+        statuses.push(wait.await.unwrap().status);
+    }
+    use OrderStatus::{Cancelled, Confirmed};
+    assert_eq!(statuses, [Confirmed, Cancelled, Confirmed, Confirmed]);
+    // A wait that runs out (the charge never answers) returns the order as it is.
+    let stuck = orders.place(new_order("alice", &[("apple", 1)], "tok_timeout"), None).await.unwrap().order.id;
+    let started = Instant::now();
+    let order = orders.get_when_terminal(stuck, &Requester::Admin, Duration::from_millis(300)).await.unwrap().unwrap();
+    assert!(!order.status.is_terminal() && started.elapsed() >= Duration::from_millis(300));
+    // Another customer's order: nothing to wait for.
+    let bob = Requester::Customer(CustomerId::parse("bob").unwrap());
+    assert!(orders.get_when_terminal(stuck, &bob, Duration::from_secs(5)).await.unwrap().is_none());
+    assert_eq!(orders.orders_waited_on(), 0);
+}

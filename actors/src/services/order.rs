@@ -145,7 +145,12 @@ impl LiveOrders {
         rx
     }
 
-    /// Drops the registrations of waiters of `id` that gave up.
+    /// Orders with waiters registered.
+    fn waited_on(&self) -> usize {
+        self.state().waiters.len()
+    }
+
+    /// Drops the registrations of waiters of `id` that gave up (dropped their receiver).
     fn forget_waiters(&self, id: OrderId) {
         let mut state = self.state();
         if let Some(waiters) = state.waiters.get_mut(&id) {
@@ -872,6 +877,11 @@ impl OrderService {
         }
     }
 
+    /// Orders that long polls are waiting on right now (a finished wait leaves nothing behind).
+    pub fn orders_waited_on(&self) -> usize {
+        self.live.waited_on()
+    }
+
     pub(crate) async fn get_when_terminal_local(
         &self,
         id: OrderId,
@@ -881,14 +891,16 @@ impl OrderService {
         let until = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.live.changed(id);
-            let order = self.get_local(id, requester)?;
-            if order.as_ref().is_none_or(|o| o.status.is_terminal()) {
+            let order = self.get_local(id, requester);
+            if order.as_ref().map_or(true, |o| o.as_ref().is_none_or(|o| o.status.is_terminal())) {
+                drop(changed); // closes the registration, so that it is forgotten now
                 self.live.forget_waiters(id);
-                return Ok(order);
+                return order;
             }
             // An order whose entity is not in memory (after a restart, before recovery reached
             // it) is woken by its activation; the timeout bounds the wait in every case.
-            if tokio::time::timeout_at(until, changed).await.is_err() {
+            let woken = tokio::time::timeout_at(until, changed).await; // consumes `changed`
+            if woken.is_err() {
                 self.live.forget_waiters(id);
                 return self.get_local(id, requester);
             }
