@@ -65,11 +65,23 @@ struct BreakerInner {
     trial_in_flight: bool,
 }
 
-/// Proof that a call was admitted; report its outcome with `success` or `failure`.
+/// Proof that a call was admitted; report its outcome with `success` or `failure`. A trial
+/// call dropped unreported (its task was cancelled) frees the trial slot for another one:
+/// otherwise the breaker would stay half-open, refusing every call, for good.
 #[must_use = "report the call's outcome to the breaker"]
 #[derive(Debug)]
-pub struct Admitted {
+pub struct Admitted<'a> {
+    breaker: &'a CircuitBreaker,
     trial: bool,
+    reported: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if self.trial && !self.reported {
+            self.breaker.lock().trial_in_flight = false;
+        }
+    }
 }
 
 impl CircuitBreaker {
@@ -99,28 +111,29 @@ impl CircuitBreaker {
     }
 
     /// `Some` if the call may go ahead now, `None` if the breaker is open.
-    pub fn admit(&self) -> Option<Admitted> {
+    pub fn admit(&self) -> Option<Admitted<'_>> {
         let mut inner = self.lock();
         match inner.state {
-            BreakerState::Closed => Some(Admitted { trial: false }),
+            BreakerState::Closed => Some(Admitted { breaker: self, trial: false, reported: false }),
             BreakerState::Open => {
                 if inner.opened_at.is_some_and(|t| t.elapsed() >= self.cooldown) {
                     self.set(&mut inner, BreakerState::HalfOpen);
                     inner.trial_in_flight = true;
-                    Some(Admitted { trial: true })
+                    Some(Admitted { breaker: self, trial: true, reported: false })
                 } else {
                     None
                 }
             }
             BreakerState::HalfOpen if !inner.trial_in_flight => {
                 inner.trial_in_flight = true;
-                Some(Admitted { trial: true })
+                Some(Admitted { breaker: self, trial: true, reported: false })
             }
             BreakerState::HalfOpen => None,
         }
     }
 
-    pub fn success(&self, admitted: Admitted) {
+    pub fn success(&self, mut admitted: Admitted<'_>) {
+        admitted.reported = true;
         let mut inner = self.lock();
         if admitted.trial {
             inner.trial_in_flight = false;
@@ -131,7 +144,8 @@ impl CircuitBreaker {
         }
     }
 
-    pub fn failure(&self, admitted: Admitted) {
+    pub fn failure(&self, mut admitted: Admitted<'_>) {
+        admitted.reported = true;
         let mut inner = self.lock();
         if admitted.trial {
             inner.trial_in_flight = false;
@@ -183,6 +197,19 @@ mod tests {
         breaker.success(trial);
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(breaker.admit().is_some());
+    }
+
+    #[test]
+    fn a_trial_dropped_unreported_lets_another_trial_through() {
+        let breaker = CircuitBreaker::new("test", 1, Duration::from_millis(10));
+        breaker.failure(breaker.admit().expect("closed admits"));
+        std::thread::sleep(Duration::from_millis(20));
+        let trial = breaker.admit().expect("half-open admits one trial");
+        assert!(breaker.admit().is_none(), "only one trial at a time");
+        drop(trial); // its call was cancelled
+        let trial = breaker.admit().expect("the slot is free again");
+        breaker.success(trial);
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
     #[test]
