@@ -41,13 +41,15 @@ pub struct StoreOptions {
     /// to the kernel) but not power loss.
     pub fsync: bool,
     /// Bytes of sled's page cache. sled's default is 1 GiB per database, and a node opens three;
-    /// the hot set of an order store (live sagas, recent orders) is far smaller.
+    /// the hot set of an order store (live sagas, recent orders) is far smaller. sled counts
+    /// less than the nodes really take: at 64 MiB per store the process held about 280 MB more
+    /// after 237,000 orders than at 16 MiB, with the same throughput.
     pub cache_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_batch_writes: 4096, fsync: true, cache_bytes: 64 * 1024 * 1024 }
+        StoreOptions { max_batch_writes: 4096, fsync: true, cache_bytes: 16 * 1024 * 1024 }
     }
 }
 
