@@ -33,6 +33,7 @@ pub fn service_settings(config: &Config) -> Settings {
     Settings {
         payment_deadline: config.payment_deadline(),
         payment_call_timeout: config.payment_call_timeout(),
+        payment_inline_wait: config.payment_inline_wait(),
         payment_backoff: Backoff::new(defaults.payment_backoff.base, config.payment_max_backoff()),
         breaker_failure_threshold: config.breaker_failure_threshold,
         breaker_cooldown: config.breaker_cooldown(),

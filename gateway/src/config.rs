@@ -131,6 +131,9 @@ pub struct Config {
     pub payment_deadline_ms: u64,
     /// Timeout of one call to the payment provider; must be below the deadline.
     pub payment_call_timeout_ms: u64,
+    /// How long a new payment waits for the provider's first answer before its request is
+    /// committed alone and the charge goes on in the background (0: only an immediate answer).
+    pub payment_inline_wait_ms: u64,
     /// Cap of the exponential backoff between payment retries.
     pub payment_max_backoff_ms: u64,
     /// Consecutive failures that open the payment circuit breaker.
@@ -170,6 +173,7 @@ impl Default for Config {
             max_in_flight: 2048,
             payment_deadline_ms: 30_000,
             payment_call_timeout_ms: 2_000,
+            payment_inline_wait_ms: 100,
             payment_max_backoff_ms: 2_000,
             breaker_failure_threshold: 5,
             breaker_cooldown_ms: 1_000,
@@ -410,6 +414,11 @@ impl Config {
     /// `payment_call_timeout_ms` as a `Duration`.
     pub fn payment_call_timeout(&self) -> Duration {
         Duration::from_millis(self.payment_call_timeout_ms)
+    }
+
+    /// `payment_inline_wait_ms` as a `Duration`.
+    pub fn payment_inline_wait(&self) -> Duration {
+        Duration::from_millis(self.payment_inline_wait_ms)
     }
 
     /// `payment_max_backoff_ms` as a `Duration`.
