@@ -124,21 +124,36 @@ fn rate_limit_problem(err: GovernorError) -> Response<Body> {
 pub struct WorkLimits {
     /// One permit per request in flight; tried, never awaited.
     in_flight: Arc<Semaphore>,
+    /// The same for long polls (`GET ...?wait_ms=N`), which spend their time waiting, not
+    /// working: in the common bound, clients waiting for slow orders would crowd out placements.
+    waiting: Arc<Semaphore>,
     /// How long a handler may run.
     timeout: Duration,
 }
 
 impl WorkLimits {
-    /// At most `max_in_flight` requests (at least 1) running at once, each for at most `timeout`.
+    /// At most `max_in_flight` requests (at least 1) running at once, and as many long polls
+    /// waiting, each for at most `timeout`.
     pub fn new(max_in_flight: usize, timeout: Duration) -> Self {
-        Self { in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))), timeout }
+        let bound = max_in_flight.max(1);
+        Self { in_flight: Arc::new(Semaphore::new(bound)), waiting: Arc::new(Semaphore::new(bound)), timeout }
     }
 }
 
+/// A `GET` that asks to wait (`wait_ms` other than 0): a long poll.
+fn is_long_poll(request: &Request) -> bool {
+    request.method() == axum::http::Method::GET
+        && request.uri().query().is_some_and(|query| {
+            query.split('&').any(|pair| pair.strip_prefix("wait_ms=").is_some_and(|ms| !ms.is_empty() && ms != "0"))
+        })
+}
+
 /// Middleware: sheds a request when `max_in_flight` are already running (503 +
-/// `Retry-After`) and answers 504 when the handler overruns the deadline.
+/// `Retry-After`; long polls count in a bound of their own) and answers 504 when the handler
+/// overruns the deadline.
 pub async fn bound_work(State(limits): State<Arc<WorkLimits>>, request: Request, next: Next) -> Response<Body> {
-    let Ok(_permit) = limits.in_flight.clone().try_acquire_owned() else {
+    let bound = if is_long_poll(&request) { &limits.waiting } else { &limits.in_flight };
+    let Ok(_permit) = bound.clone().try_acquire_owned() else {
         metrics::counter!("http_shed_total").increment(1);
         return Problem::unavailable(
             OVERLOAD_RETRY_AFTER_SECS,

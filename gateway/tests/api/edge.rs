@@ -176,3 +176,29 @@ async fn unreachable_service_is_503_with_retry_after() {
     let reply = app.post_json("/v1/orders", &token, &order_body(&[("apple", 1)], "tok_visa")).await;
     reply.assert_problem(503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_have_their_own_bound_and_do_not_crowd_out_work() {
+    let app = spawn_app_with(|config| config.max_in_flight = 1).await;
+    app.set_stock("apple", 10, 150).await;
+    let token = app.customer("alice");
+    let stuck = app.place(&token, &[("apple", 1)], "tok_timeout").await["id"].as_str().unwrap().to_owned();
+    // A long poll on an order whose payment never answers takes the only waiting slot...
+    let waiting = {
+        let url = app.url(&format!("/v1/orders/{stuck}?wait_ms=4000"));
+        let (client, token) = (app.client.clone(), token.clone());
+        tokio::spawn(async move { client.get(url).bearer_auth(token).send().await.unwrap().status() })
+    };
+    eventually(Duration::from_secs(5), "the first long poll to wait", || async {
+        (app.services().orders.orders_waited_on() == 1).then_some(())
+    })
+    .await;
+    // ...so a second long poll is shed,
+    let second = app.get(&format!("/v1/orders/{stuck}?wait_ms=1"), &token).await;
+    assert!(second.assert_problem(503)["detail"].as_str().unwrap().contains("in flight"));
+    // yet work goes on in the other bound while it waits.
+    app.place(&token, &[("apple", 1)], "tok_visa").await;
+    assert_eq!(app.get(&format!("/v1/orders/{stuck}"), &token).await.status, 200);
+    assert!(!waiting.is_finished(), "the first long poll was still waiting during the checks");
+    assert_eq!(waiting.await.unwrap(), 200);
+}
