@@ -140,12 +140,12 @@ impl WorkLimits {
     }
 }
 
-/// A `GET` that asks to wait (`wait_ms` other than 0): a long poll.
+/// A `GET` that asks to wait (a valid `wait_ms` other than 0): a long poll. Parsed as the
+/// handler parses it, so the two cannot disagree.
 fn is_long_poll(request: &Request) -> bool {
     request.method() == axum::http::Method::GET
-        && request.uri().query().is_some_and(|query| {
-            query.split('&').any(|pair| pair.strip_prefix("wait_ms=").is_some_and(|ms| !ms.is_empty() && ms != "0"))
-        })
+        && axum::extract::Query::<crate::api::GetOrderParams>::try_from_uri(request.uri())
+            .is_ok_and(|params| params.wait().is_ok_and(|wait| !wait.is_zero()))
 }
 
 /// Middleware: sheds a request when `max_in_flight` are already running (503 +

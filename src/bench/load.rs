@@ -67,10 +67,8 @@ struct Ctx {
     max_in_flight: usize,
     /// GET polls in flight.
     pollers: Semaphore,
-    /// Plain polls (`--poll`) instead of long polls.
-    poll: bool,
-    /// What a long poll asks the server to wait: within the request timeout.
-    long_poll_wait: Duration,
+    /// How orders are followed to their end: long polls, or with `--poll` intervals.
+    polling: Polling,
     /// Orders being followed to confirmation.
     tracked: Arc<Semaphore>,
     next_order: AtomicU64,
@@ -187,8 +185,12 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         in_flight: Arc::new(Semaphore::new(plan.max_in_flight as usize)),
         max_in_flight: plan.max_in_flight as usize,
         pollers: Semaphore::new(plan.pollers as usize),
-        poll: plan.poll,
-        long_poll_wait: LONG_POLL_WAIT.min(plan.timeout / 2),
+        polling: if plan.poll {
+            Polling::Intervals { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH }
+        } else {
+            // Within the request timeout, so the server's answer comes before the client gives up.
+            Polling::LongPoll { wait: LONG_POLL_WAIT.min(plan.timeout / 2) }
+        },
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
@@ -218,7 +220,7 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
-    Ok(summarize(plan, &ctx.stats, elapsed, cpu))
+    Ok(summarize(plan, &ctx.stats, ctx.polling, elapsed, cpu))
 }
 
 /// Waits until `outstanding()` is 0 or `deadline` passes.
@@ -250,7 +252,13 @@ impl Ctx {
     }
 }
 
-fn summarize(plan: &Plan, stats: &Stats, elapsed: Duration, generator_cpu: Option<Duration>) -> Summary {
+fn summarize(
+    plan: &Plan,
+    stats: &Stats,
+    polling: Polling,
+    elapsed: Duration,
+    generator_cpu: Option<Duration>,
+) -> Summary {
     Summary {
         target: plan.target.to_string(),
         mode: plan.mode,
@@ -260,11 +268,7 @@ fn summarize(plan: &Plan, stats: &Stats, elapsed: Duration, generator_cpu: Optio
         skus: plan.skus,
         pollers: plan.pollers,
         max_in_flight: plan.max_in_flight,
-        polling: if plan.poll {
-            Polling::Intervals { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH }
-        } else {
-            Polling::LongPoll { wait: LONG_POLL_WAIT.min(plan.timeout / 2) }
-        },
+        polling,
         scheduled: match plan.mode {
             Mode::Open { rate } => Some(Schedule::new(rate, plan.duration).sends()),
             Mode::Closed { .. } => None,
@@ -511,12 +515,15 @@ async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
         if Instant::now() >= ctx.hard_deadline {
             return;
         }
-        let url = if ctx.poll {
-            sleep_until((Instant::now() + interval).min(ctx.hard_deadline)).await;
-            base.clone()
-        } else {
-            let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
-            format!("{base}?wait_ms={}", ctx.long_poll_wait.min(left).as_millis())
+        let url = match ctx.polling {
+            Polling::Intervals { .. } => {
+                sleep_until((Instant::now() + interval).min(ctx.hard_deadline)).await;
+                base.clone()
+            }
+            Polling::LongPoll { wait } => {
+                let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
+                format!("{base}?wait_ms={}", wait.min(left).as_millis())
+            }
         };
         let queued = Instant::now();
         let Ok(Ok(_poller)) = timeout_at(ctx.hard_deadline, ctx.pollers.acquire()).await else {

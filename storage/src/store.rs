@@ -272,18 +272,21 @@ impl Prepared {
             let prefix = keys::event_prefix(&append.entity);
             // The events of one append go into as few records as possible: every sled insert
             // costs far more than its bytes (the orders' saga writes two events at once).
-            let mut events = Vec::new();
-            let mut last = append.expected_version;
-            for chunk in append.events.chunks(keys::MAX_PACKED) {
-                last += chunk.len() as u64;
-                match chunk {
-                    [one] => events.push((keys::event_key(&prefix, last), one.clone())),
-                    many => {
-                        let key = keys::packed_event_key(&prefix, last, many.len() as u8);
-                        events.push((key, keys::pack_events(many)));
+            let events = match <[Vec<u8>; 1]>::try_from(append.events) {
+                Ok([one]) => vec![(keys::event_key(&prefix, new_version), one)],
+                Err(many) => {
+                    let mut last = append.expected_version;
+                    let mut records = Vec::new();
+                    for chunk in many.chunks(keys::MAX_PACKED) {
+                        last += chunk.len() as u64;
+                        records.push(match chunk {
+                            [one] => (keys::event_key(&prefix, last), one.clone()), // the rare remainder
+                            many => (keys::packed_event_key(&prefix, last, many.len() as u8), keys::pack_events(many)),
+                        });
                     }
+                    records
                 }
-            }
+            };
             appends.push(PreparedAppend {
                 prefix,
                 entity: append.entity,
@@ -536,31 +539,23 @@ impl Store {
             .ok_or_else(|| StorageError::InvalidKey { reason: "entity name has no upper bound".to_owned() })?;
         shared.read(|db| {
             let mut out = Vec::new();
-            let mut expected = None;
+            let mut expected = after_seq.saturating_add(1);
             for item in db.range(start..end) {
                 let (key, value) = item.map_err(|e| shared.sled_error("read events", e))?;
                 let (last, count) =
                     keys::event_seq(&prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
                 let first = last - u64::from(count) + 1;
                 // Seqs are assigned contiguously and events are never deleted: a gap means the
-                // engine lost a record, which must not pass as a shorter history.
-                if let Some(expected) = expected
-                    && first != expected
-                {
+                // engine lost a record, which must not pass as a shorter history. Only the first
+                // record may start before `expected` (a packed one holding it among earlier ones).
+                if first > expected || (first < expected && !out.is_empty()) {
                     return Err(shared.corrupt(
                         &key,
                         format!("event sequence gap: expected seq {expected}, found {first}"),
                         None,
                     ));
                 }
-                if expected.is_none() && first > after_seq.saturating_add(1) {
-                    return Err(shared.corrupt(
-                        &key,
-                        format!("event sequence gap: expected seq {}, found {first}", after_seq + 1),
-                        None,
-                    ));
-                }
-                expected = Some(last + 1);
+                expected = last + 1;
                 if count == 1 {
                     out.push(StoredEvent { seq: last, bytes: value.to_vec() });
                     continue;

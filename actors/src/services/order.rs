@@ -134,15 +134,15 @@ impl LiveOrders {
         }
     }
 
-    /// Resolves at the next change of `id` (or its passivation). Register before reading the
-    /// order, so a change between the read and the wait is not missed.
-    fn changed(&self, id: OrderId) -> oneshot::Receiver<()> {
+    /// A registration for the next change of `id` (or its passivation). Register before
+    /// reading the order, so a change between the read and the wait is not missed.
+    fn changed(&self, id: OrderId) -> NextChange {
         let (tx, rx) = oneshot::channel();
         let mut state = self.state();
         let waiters = state.waiters.entry(id).or_default();
         waiters.retain(|w| !w.is_closed()); // waiters that gave up
         waiters.push(tx);
-        rx
+        NextChange { live: self.clone(), id, change: Some(rx) }
     }
 
     /// Orders with waiters registered.
@@ -151,7 +151,7 @@ impl LiveOrders {
     }
 
     /// Drops the registrations of waiters of `id` that gave up (dropped their receiver).
-    fn forget_waiters(&self, id: OrderId) {
+    fn forget_closed_waiters(&self, id: OrderId) {
         let mut state = self.state();
         if let Some(waiters) = state.waiters.get_mut(&id) {
             waiters.retain(|w| !w.is_closed());
@@ -159,6 +159,29 @@ impl LiveOrders {
                 state.waiters.remove(&id);
             }
         }
+    }
+}
+
+/// A waiter's registration with [`LiveOrders`]; dropping it (woken or not) leaves nothing
+/// behind in the map.
+struct NextChange {
+    live: LiveOrders,
+    id: OrderId,
+    change: Option<oneshot::Receiver<()>>,
+}
+
+impl NextChange {
+    /// True if the order changed (or passivated) before `until`.
+    async fn before(mut self, until: tokio::time::Instant) -> bool {
+        let Some(change) = self.change.as_mut() else { return false };
+        tokio::time::timeout_at(until, change).await.is_ok()
+    }
+}
+
+impl Drop for NextChange {
+    fn drop(&mut self) {
+        drop(self.change.take()); // closes the registration first, so it is forgotten now
+        self.live.forget_closed_waiters(self.id);
     }
 }
 
@@ -890,18 +913,14 @@ impl OrderService {
     ) -> Result<Option<Order>, ServiceError> {
         let until = tokio::time::Instant::now() + wait;
         loop {
-            let changed = self.live.changed(id);
-            let order = self.get_local(id, requester);
-            if order.as_ref().map_or(true, |o| o.as_ref().is_none_or(|o| o.status.is_terminal())) {
-                drop(changed); // closes the registration, so that it is forgotten now
-                self.live.forget_waiters(id);
-                return order;
+            let next_change = self.live.changed(id);
+            let order = self.get_local(id, requester)?;
+            if order.as_ref().is_none_or(|o| o.status.is_terminal()) {
+                return Ok(order);
             }
             // An order whose entity is not in memory (after a restart, before recovery reached
             // it) is woken by its activation; the timeout bounds the wait in every case.
-            let woken = tokio::time::timeout_at(until, changed).await; // consumes `changed`
-            if woken.is_err() {
-                self.live.forget_waiters(id);
+            if !next_change.before(until).await {
                 return self.get_local(id, requester);
             }
         }

@@ -165,15 +165,14 @@ impl PaymentEntity {
         deadline_at: UnixMillis,
     ) -> Result<(), ServiceError> {
         let deps = ctx.deps();
-        if deps.store.inbox_contains(event_id)? {
-            return Ok(());
-        }
-        let inbox = Some(event_id.to_string());
         let charge = ChargeRequest { idempotency_key: self.order.to_string(), amount, token: token.clone() };
         let command = PaymentCommand::Request { order: self.order, amount, token, deadline_at };
         if self.payment.is_some() {
-            return self.execute(deps, &[command], inbox).await;
+            return self.execute_once(deps, event_id, command).await;
         }
+        // No payment yet, so no message for it was taken: its inbox mark would have been
+        // committed with its first event. No inbox read needed.
+        let inbox = Some(event_id.to_string());
         let mut charge = Box::pin(charge_until_deadline(deps.clone(), charge, deadline_at));
         match tokio::time::timeout(deps.settings.payment_inline_wait, charge.as_mut()).await {
             Ok(result) => self.execute(deps, &[command, result.into_command()], inbox).await,
