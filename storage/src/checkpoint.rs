@@ -1,13 +1,14 @@
-//! Checkpoints: making sled's own files durable, after which the write-ahead log before that
-//! point is redundant and deleted.
+//! Checkpoints: writing the write buffer into sled and making sled's own files durable, after
+//! which the write-ahead log before that point is redundant and deleted.
 //!
 //! Why a thread of its own: a checkpoint's fsync of sled's file writes back everything sled wrote
 //! since the last one (tens of MiB under load) and took hundreds of milliseconds; done by the
 //! syncer, it held every commit of the store for that long. Here the syncer only starts a new log
 //! segment and asks; commits go on being logged and acknowledged meanwhile.
 //!
-//! Every group the syncer has logged when it asks was applied to sled before that, so the sled
-//! flush that starts afterwards covers them all.
+//! Every group the syncer has logged when it asks was applied to the write buffer before that, so
+//! the table the checkpoint then freezes and writes into sled holds them all (and perhaps some
+//! groups not yet logged: sled may hold a group the log lacks, never the reverse).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -15,12 +16,13 @@ use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::buffer::Table;
 use crate::store::Shared;
-use crate::wal;
+use crate::{codec, keys, wal};
 
 /// Does the checkpoints of one store.
 pub(crate) struct Checkpointer {
@@ -34,18 +36,11 @@ pub(crate) struct Checkpointer {
     /// Blob files (values too large for the log, in `<dir>/blobs`) already fsynced. sled writes
     /// them once and never syncs them.
     synced_blobs: HashSet<OsString>,
-    /// Held while sled flushes (see `Committer::run`).
-    flush_gate: Arc<Mutex<()>>,
     seconds: metrics::Histogram,
 }
 
 impl Checkpointer {
-    pub(crate) fn new(
-        db: sled::Db,
-        shared: Arc<Shared>,
-        fsync: bool,
-        flush_gate: Arc<Mutex<()>>,
-    ) -> io::Result<Checkpointer> {
+    pub(crate) fn new(db: sled::Db, shared: Arc<Shared>, fsync: bool) -> io::Result<Checkpointer> {
         let dir = shared.path.clone();
         Ok(Checkpointer {
             db_file: fs::File::open(dir.join("db"))?,
@@ -55,7 +50,6 @@ impl Checkpointer {
             fsync,
             dir,
             synced_blobs: HashSet::new(),
-            flush_gate,
         })
     }
 
@@ -76,21 +70,41 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Makes sled's files durable, then deletes the log segments before `first_kept`.
+    /// Writes the write buffer into sled and makes sled's files durable, then deletes the log
+    /// segments before `first_kept`.
     pub(crate) fn checkpoint(&mut self, first_kept: u64) -> io::Result<()> {
         let started = Instant::now();
+        let table = self.shared.buffer.freeze();
+        self.write_to_sled(&table)?;
         self.sync_sled()?;
+        self.shared.buffer.release();
         wal::delete_before(&self.dir.join(wal::WAL_DIR), first_kept)?;
         self.seconds.record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
+    /// Writes a frozen table's entries in key order, then the number of its last commit group:
+    /// sled recovers a prefix of its writes, so a crash in the middle leaves the older number and
+    /// the log's replay redoes the whole table.
+    fn write_to_sled(&self, table: &Table) -> io::Result<()> {
+        for (key, value) in &table.entries {
+            match value {
+                Some(value) => self.db.insert(key.as_slice(), value.clone()).map(drop),
+                None => self.db.remove(key.as_slice()).map(drop),
+            }
+            .map_err(io::Error::from)?;
+        }
+        if table.last_seq > 0 {
+            let seq = codec::encode(&table.last_seq)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            self.db.insert(keys::META_COMMIT_SEQ, seq).map_err(io::Error::from)?;
+        }
+        Ok(())
+    }
+
     /// sled flush (writes sled's buffers to its file), then the real fsync of its files.
     fn sync_sled(&mut self) -> io::Result<()> {
-        {
-            let _gate = self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner);
-            self.db.flush().map_err(io::Error::from)?;
-        }
+        self.db.flush().map_err(io::Error::from)?;
         // sled frees every sealed I/O buffer through crossbeam-epoch's deferred garbage, and a
         // flush seals the current one, so this thread defers a buffer (an `Arc` to its 8 MiB
         // segment) per checkpoint. Deferred frees wait in a thread-local bag until 64 have

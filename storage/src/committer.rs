@@ -33,9 +33,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -121,7 +122,7 @@ pub(crate) fn read_version(shared: &Shared, db: &sled::Db, prefix: &[u8]) -> Res
     let Some(end) = keys::prefix_end(prefix) else {
         return Ok(0);
     };
-    match db.range::<&[u8], _>(prefix..end.as_slice()).next_back() {
+    match shared.scan(db, Bound::Included(prefix.to_vec()), Bound::Excluded(end), true).next() {
         None => Ok(0),
         Some(Ok((key, _))) => keys::event_seq(prefix, &key)
             .map(|(last, _)| last)
@@ -137,7 +138,7 @@ pub(crate) fn read_claim(
     tree_key: &[u8],
     key: &str,
 ) -> Result<Option<IdempotencyRecord>, StorageError> {
-    match db.get(tree_key).map_err(|e| shared.sled_error("read idempotency", e))? {
+    match shared.get(db, tree_key).map_err(|e| shared.sled_error("read idempotency", e))? {
         Some(v) => {
             let value: IdempotencyValue = shared.decode(tree_key, &v)?;
             Ok(Some(IdempotencyRecord { key: key.to_owned(), value: value.value, created_at_ms: value.created_at_ms }))
@@ -161,8 +162,6 @@ pub(crate) struct Committer {
     next_outbox: u64,
     /// Commit groups ever applied to this store (see `keys`).
     commit_seq: u64,
-    /// Held by the checkpoint thread while sled flushes (see `run`).
-    flush_gate: Arc<Mutex<()>>,
     /// Entity versions as of the last applied group, including this group's accepted batches.
     /// Exact, not a guess: only this thread writes versions. Cleared (between groups) when large.
     versions: HashMap<Vec<u8>, u64>,
@@ -181,9 +180,8 @@ impl Committer {
         next_outbox: u64,
         commit_seq: u64,
     ) -> io::Result<Committer> {
-        let flush_gate = Arc::new(Mutex::new(()));
         // Makes what recovery found durable and starts the write-ahead log after it.
-        let syncer = Syncer::new(db.clone(), shared.clone(), options.fsync, commit_seq, flush_gate.clone())?;
+        let syncer = Syncer::new(db.clone(), shared.clone(), options.fsync, commit_seq)?;
         Ok(Committer {
             group_size: metrics::histogram!("storage_commit_group_size", "store" => shared.name.clone()),
             db,
@@ -191,7 +189,6 @@ impl Committer {
             options,
             next_outbox,
             commit_seq,
-            flush_gate,
             versions: HashMap::new(),
             inbox: HashSet::new(),
             claims: HashMap::new(),
@@ -213,13 +210,6 @@ impl Committer {
                 Ok(Request::Write(write)) => {
                     group.push(write);
                     self.drain(&requests, &mut group, &mut close);
-                    // While a checkpoint flushes sled, sled's lock would block our inserts
-                    // anyway: wait for the flush on our own gate instead, then take what
-                    // arrived meanwhile into this group.
-                    if close.is_none() {
-                        drop(self.flush_gate.lock().unwrap_or_else(PoisonError::into_inner));
-                        self.drain(&requests, &mut group, &mut close);
-                    }
                 }
                 Ok(Request::Close(reply)) => close = Some(reply),
                 // Every Store handle is gone without a close (cannot happen: the last handle's
@@ -378,7 +368,7 @@ impl Committer {
         for (i, (id, key)) in batch.inbox.iter().enumerate() {
             let seen = batch.inbox[..i].iter().any(|(_, k)| k == key)
                 || self.inbox.contains(key)
-                || self.db.contains_key(key).map_err(|e| self.shared.sled_error("read inbox", e))?;
+                || self.shared.get(&self.db, key).map_err(|e| self.shared.sled_error("read inbox", e))?.is_some();
             if seen {
                 return Err(StorageError::Duplicate { id: id.clone() });
             }
@@ -436,8 +426,8 @@ impl Committer {
         Committed { outbox_ids, versions }
     }
 
-    /// Applies the group, with the store's counters, and returns its framed write-ahead log
-    /// record. The error is a message: the caller poisons the store with it.
+    /// Applies the group (to the write buffer), with the store's counters, and returns its framed
+    /// write-ahead log record. The error is a message: the caller poisons the store with it.
     fn apply(&mut self, mut changes: Vec<Change>, added_outbox: bool) -> Result<Vec<u8>, String> {
         let seq = self.commit_seq + 1;
         if added_outbox {
@@ -446,12 +436,16 @@ impl Committer {
             let next = codec::encode(&self.next_outbox).map_err(|e| e.to_string())?;
             changes.push(Change::Put(keys::META_OUTBOX_NEXT.to_vec(), next));
         }
-        // The group's number goes last: after a crash, the number sled recovered says which log
-        // records to apply again (see `apply_changes`).
-        changes.push(Change::Put(keys::META_COMMIT_SEQ.to_vec(), codec::encode(&seq).map_err(|e| e.to_string())?));
-        let record = WalRecord { seq, changes };
+        // The group's number goes last in its log record: replaying the log at open applies the
+        // records after the number sled holds (see `apply_changes`). In the buffer it is the
+        // table's `last_seq`, which a checkpoint writes to sled after everything else.
+        let mut record = WalRecord { seq, changes };
+        record
+            .changes
+            .push(Change::Put(keys::META_COMMIT_SEQ.to_vec(), codec::encode(&seq).map_err(|e| e.to_string())?));
         let framed = wal::frame(&record).map_err(|e| format!("encode log record: {e}"))?;
-        apply_changes(&self.db, record.changes).map_err(|e| format!("apply: {e}"))?;
+        record.changes.pop();
+        self.shared.buffer.apply_group(seq, record.changes);
         self.commit_seq = seq;
         Ok(framed)
     }
@@ -479,17 +473,14 @@ impl Committer {
     }
 }
 
-/// Applies a group's changes to sled one by one, in order (also used to replay the log at open).
+/// Applies a logged group's changes to sled one by one, in order: the log's replay at open.
 ///
 /// Why not sled's atomic `apply_batch`: in sled 0.34 every batch seals and writes sled's I/O
-/// buffer twice (each time a `pwrite` and a `sync_file_range` on sled's threads), which cost
-/// about a quarter of the saga bench's CPU. Atomicity comes from the write-ahead log instead:
-/// sled recovers a prefix of its log, so after a crash it holds every group up to the last
-/// recovered `m\0commit_seq` (each group writes it last) plus perhaps a part of the next one,
-/// and replaying the log from that number on redoes the partial group whole (puts and removes
-/// of given values are idempotent). Readers may see a group half applied, as they may already
-/// see applied groups before they are durable; no writer is acknowledged before its group is
-/// whole and durable.
+/// buffer twice (each time a `pwrite` and a `sync_file_range` on sled's threads). Atomicity comes
+/// from the write-ahead log instead: sled recovers a prefix of its log, so after a crash it holds
+/// everything up to the last recovered `m\0commit_seq` (written last by each checkpoint and by
+/// each replayed record) plus perhaps a part of what followed, and replaying the log from that
+/// number on redoes it whole (puts and removes of given values are idempotent).
 pub(crate) fn apply_changes(db: &sled::Db, changes: Vec<Change>) -> sled::Result<()> {
     for change in changes {
         match change {
@@ -524,15 +515,9 @@ struct Syncer {
 impl Syncer {
     /// At open: makes whatever recovery found (sled's state plus the replayed log) durable in
     /// sled's files, then starts a fresh log after `commit_seq`, deleting the replayed one.
-    fn new(
-        db: sled::Db,
-        shared: Arc<Shared>,
-        fsync: bool,
-        commit_seq: u64,
-        flush_gate: Arc<Mutex<()>>,
-    ) -> io::Result<Syncer> {
+    fn new(db: sled::Db, shared: Arc<Shared>, fsync: bool, commit_seq: u64) -> io::Result<Syncer> {
         let dir = shared.path.clone();
-        let mut checkpointer = Checkpointer::new(db, shared.clone(), fsync, flush_gate)?;
+        let mut checkpointer = Checkpointer::new(db, shared.clone(), fsync)?;
         checkpointer.sync_at_open()?;
         let wal = Wal::start(&dir.join(WAL_DIR), commit_seq + 1)?;
         wal::delete_before(&dir.join(WAL_DIR), commit_seq + 1)?;
@@ -872,9 +857,8 @@ mod tests {
         assert_eq!(rw.try_recv().unwrap().unwrap().outbox_ids, vec![1]);
 
         // What the committer has done for the next group just before its fsync: applied only.
-        let mut applied = sled::Batch::default();
-        applied.insert(&keys::outbox_key(2)[..], &b"not yet durable"[..]);
-        committer.db.apply_batch(applied).unwrap();
+        let applied = vec![Change::Put(keys::outbox_key(2).to_vec(), b"not yet durable".to_vec())];
+        committer.shared.buffer.apply_group(2, applied);
 
         let pending = store.outbox_pending(None, 10).unwrap();
         assert_eq!(pending.len(), 1);

@@ -52,6 +52,7 @@
 //! file says, or whose log has a gap or a damaged record before its tail, is an error
 //! instead of a silently empty or shorter store.
 
+mod buffer;
 mod checkpoint;
 pub mod codec;
 mod committer;

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
+use crate::buffer::{Found, Merged, WriteBuffer};
 use crate::codec;
 use crate::committer::{self, Committer, PendingWrite, Request};
 use crate::error::StorageError;
@@ -347,6 +348,9 @@ pub(crate) struct Shared {
     pub(crate) poisoned: OnceLock<String>,
     /// Moving average of the committer's time per write (ns), read by the syncer.
     pub(crate) write_cost_ns: AtomicU64,
+    /// Where commit groups go until a checkpoint writes them into sled; every read looks here
+    /// first.
+    pub(crate) buffer: WriteBuffer,
 }
 
 impl Shared {
@@ -383,6 +387,27 @@ impl Shared {
     /// Decodes a value we encoded ourselves; failure names the key.
     pub(crate) fn decode<T: serde::de::DeserializeOwned>(&self, key: &[u8], value: &[u8]) -> Result<T, StorageError> {
         codec::decode(value).map_err(|e| self.corrupt(key, "cannot decode value", Some(e)))
+    }
+
+    /// A key's value: the write buffer's if it has the key, else sled's.
+    pub(crate) fn get(&self, db: &sled::Db, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        match self.buffer.get(key) {
+            Found::Value(value) => Ok(Some(value)),
+            Found::Removed => Ok(None),
+            Found::Unknown => db.get(key),
+        }
+    }
+
+    /// A scan of a key range through the write buffer and sled, ascending (descending if
+    /// `reverse`).
+    pub(crate) fn scan<'a>(
+        &'a self,
+        db: &'a sled::Db,
+        lower: Bound<Vec<u8>>,
+        upper: Bound<Vec<u8>>,
+        reverse: bool,
+    ) -> Merged<'a> {
+        Merged::new(&self.buffer, db, lower, upper, reverse)
     }
 
     /// Runs a read against the open database.
@@ -540,7 +565,7 @@ impl Store {
         shared.read(|db| {
             let mut out = Vec::new();
             let mut expected = after_seq.saturating_add(1);
-            for item in db.range(start..end) {
+            for item in shared.scan(db, Bound::Included(start), Bound::Excluded(end), false) {
                 let (key, value) = item.map_err(|e| shared.sled_error("read events", e))?;
                 let (last, count) =
                     keys::event_seq(&prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
@@ -591,7 +616,8 @@ impl Store {
         shared.read(|db| {
             let mut out = Vec::new();
             while out.len() < limit {
-                let Some(item) = db.range(start.as_slice()..space_end.as_slice()).next() else { break };
+                let range = (Bound::Included(start.clone()), Bound::Excluded(space_end.clone()));
+                let Some(item) = shared.scan(db, range.0, range.1, false).next() else { break };
                 let (key, _) = item.map_err(|e| shared.sled_error("scan entities", e))?;
                 let name = key[space.len()..]
                     .split(|b| *b == 0)
@@ -614,7 +640,7 @@ impl Store {
         let shared = self.shared();
         let key = keys::tagged(keys::SNAPSHOT, entity.as_bytes());
         shared.read(|db| {
-            let Some(value) = db.get(&key).map_err(|e| shared.sled_error("load snapshot", e))? else {
+            let Some(value) = shared.get(db, &key).map_err(|e| shared.sled_error("load snapshot", e))? else {
                 return Ok(None);
             };
             let snap: SnapshotValue = shared.decode(&key, &value)?;
@@ -639,10 +665,11 @@ impl Store {
         if limit == 0 || start > durable {
             return Ok(Vec::new());
         }
-        let range = keys::outbox_key(start)..=keys::outbox_key(durable);
+        let (lower, upper) =
+            (Bound::Included(keys::outbox_key(start).to_vec()), Bound::Included(keys::outbox_key(durable).to_vec()));
         shared.read(|db| {
             let mut out = Vec::with_capacity(limit.min(1024));
-            for item in db.range(range).take(limit) {
+            for item in shared.scan(db, lower, upper, false).take(limit) {
                 let (key, value) = item.map_err(|e| shared.sled_error("read outbox", e))?;
                 let id = keys::outbox_id(&key).ok_or_else(|| shared.corrupt(&key, "malformed outbox key", None))?;
                 out.push(OutboxEntry { id, bytes: value.to_vec() });
@@ -658,12 +685,10 @@ impl Store {
             return Ok(());
         }
         let shared = self.shared();
-        // One remove at a time, not a sled batch (see `committer::apply_changes` for why). An
-        // ack lost in a crash only means a redelivery, which consumers deduplicate.
-        shared.read(|db| {
-            for id in ids {
-                db.remove(keys::outbox_key(*id)).map_err(|e| shared.sled_error("ack outbox", e))?;
-            }
+        // Into the write buffer: an entry delivered before the next checkpoint never reaches
+        // sled. An ack lost in a crash only means a redelivery, which consumers deduplicate.
+        shared.read(|_| {
+            shared.buffer.remove(ids.iter().map(|id| keys::outbox_key(*id).to_vec()));
             Ok(())
         })
     }
@@ -679,7 +704,7 @@ impl Store {
     pub fn inbox_contains(&self, message_id: &str) -> Result<bool, StorageError> {
         let shared = self.shared();
         let key = keys::tagged(keys::INBOX, message_id.as_bytes());
-        shared.read(|db| db.contains_key(&key).map_err(|e| shared.sled_error("read inbox", e)))
+        shared.read(|db| Ok(shared.get(db, &key).map_err(|e| shared.sled_error("read inbox", e))?.is_some()))
     }
 
     /// The record of a claimed idempotency key.
@@ -696,17 +721,18 @@ impl Store {
         let prefix = keys::tagged(keys::IDEMPOTENCY, b"");
         shared.read(|db| {
             let mut purged = 0;
-            for item in db.scan_prefix(&prefix) {
+            let end = keys::prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
+            for item in shared.scan(db, Bound::Included(prefix.clone()), end, false) {
                 let (key, value) = item.map_err(|e| shared.sled_error("scan idempotency", e))?;
                 let record: IdempotencyValue = shared.decode(&key, &value)?;
                 if record.created_at_ms >= cutoff_ms {
                     continue;
                 }
-                // Compare-and-swap: only delete the exact record we judged old, never one that a
+                // Compare-and-remove: only delete the exact record we judged old, never one that a
                 // concurrent commit claimed anew after another purge removed the old one.
-                match db.compare_and_swap(&key, Some(&value), None as Option<&[u8]>) {
-                    Ok(Ok(())) => purged += 1,
-                    Ok(Err(_)) => {} // changed under us: not ours to delete
+                match shared.buffer.remove_if(db, &key, &value) {
+                    Ok(true) => purged += 1,
+                    Ok(false) => {} // changed under us: not ours to delete
                     Err(e) => return Err(shared.sled_error("purge idempotency", e)),
                 }
             }
@@ -743,7 +769,7 @@ impl Store {
         }
         shared.read(|db| {
             let mut out = Vec::new();
-            for item in db.range::<Vec<u8>, _>((start, end)).take(limit) {
+            for item in shared.scan(db, start, end, false).take(limit) {
                 let (key, value) = item.map_err(|e| shared.sled_error("scan index", e))?;
                 out.push((key[2..].to_vec(), value.to_vec()));
             }
@@ -755,8 +781,9 @@ impl Store {
     pub fn index_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let shared = self.shared();
         let tree_key = keys::tagged(keys::INDEX, key);
-        shared
-            .read(|db| db.get(&tree_key).map(|v| v.map(|v| v.to_vec())).map_err(|e| shared.sled_error("read index", e)))
+        shared.read(|db| {
+            shared.get(db, &tree_key).map(|v| v.map(|v| v.to_vec())).map_err(|e| shared.sled_error("read index", e))
+        })
     }
 
     /// Counters of the write path.
@@ -900,6 +927,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
         closed: AtomicBool::new(false),
         poisoned: OnceLock::new(),
         write_cost_ns: AtomicU64::new(0),
+        buffer: WriteBuffer::default(),
     });
 
     // Creating the committer makes what recovery found (and the marker) durable before anything
