@@ -209,6 +209,7 @@ async fn idempotency_key_returns_the_first_order() {
         app.services.orders.place(new_order("hal", &[("apple", 1)], "tok_visa"), Some("k-1".into())).await.unwrap();
     assert_ne!(other.order.id, ids[0]);
     wait_terminal(&app, ids[0], Duration::from_secs(10)).await;
+    wait_terminal(&app, other.order.id, Duration::from_secs(10)).await;
     assert_eq!(stock(&app, "apple").await.0, 100 - 1 - other.created as u64);
 }
 

@@ -7,18 +7,22 @@
 //!   one place bincode is used; decoders return errors, never panic.
 //! - `error`: [`StorageError`]; every error that comes from disk names the store's directory.
 //! - `store`: [`Store`] and its types: opening, the caller-side half of a commit (checking keys,
-//!   encoding values, so the committer thread does not), and every read.
-//! - `committer`: group commit, a two-stage pipeline on two threads. The *committer* takes every
-//!   queued [`WriteBatch`], checks versions and claims (also against earlier batches of the same
-//!   group), applies the accepted ones to sled and encodes them as one write-ahead log record;
-//!   the *syncer* appends the records to the log (`wal`) and fsyncs it, one
-//!   round for every group applied meanwhile, and only then acknowledges the waiters and
-//!   publishes the durable outbox watermark. Twice a second it checkpoints: flushes sled, fsyncs
-//!   sled's files and starts a new log segment, deleting the old ones.
-//! - `wal`: the write-ahead log (`<dir>/wal/`), checksummed records of whole commit groups,
-//!   replayed at open over what sled recovered (each group writes its number, `m\0commit_seq`,
-//!   last). Why our own log: sled 0.34 makes a batch durable only through its flush, and every
-//!   atomic batch writes its I/O buffer; through sled, durability cost most of the CPU.
+//!   encoding values), and every read.
+//! - `committer`: group commit. The *committer*, run by each writer in turn under a lock, checks
+//!   its batch (versions, claims) against everything applied before, applies it to the write
+//!   buffer and encodes it as a write-ahead log record; the *syncer* thread appends the records
+//!   of every write handed over meanwhile to the log (`wal`) and fsyncs it, one round for all of
+//!   them (at most one a millisecond while writers are concurrent), and only then acknowledges the
+//!   waiters and publishes the durable outbox watermark.
+//! - `buffer`: the write buffer, where writes land instead of sled; reads look there first.
+//!   Every 100 ms the checkpoint thread (`checkpoint`) moves it into sled, so keys removed soon
+//!   after they were written never reach sled; twice a second it also flushes sled, fsyncs its
+//!   files and deletes the log segments they now cover.
+//! - `wal`: the write-ahead log (`<dir>/wal/`), checksummed records of commit groups, replayed
+//!   at open over what sled recovered (each move into sled writes the last group's number,
+//!   `m\0commit_seq`, last). Why our own log: sled 0.34 makes a batch durable only through its
+//!   flush, and every atomic batch writes its I/O buffer; through sled, durability cost most of
+//!   the CPU.
 //! - `keys`: the key layout below.
 //!
 //! One store is one sled database in its own directory, holding one tree. Every key starts with a

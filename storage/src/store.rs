@@ -1,11 +1,12 @@
 //! The public [`Store`]: opening, the write path's front half (validation and encoding of a
 //! [`WriteBatch`] on the caller's thread) and every read.
 //!
-//! Writes go through the committer thread ([`crate::committer`]); reads go straight to sled, which
-//! is safe to read from many threads. A read may observe a commit group between the moment it is
-//! applied and the moment its fsync returns (a few milliseconds): sled has no snapshot isolation
-//! to hide it. Nothing is acknowledged to a writer, and no outbox entry is handed out, before it is
-//! durable; and if that fsync fails the store refuses every later call ([`StorageError::Poisoned`]).
+//! Writes go through the committer ([`crate::committer`]) into the write buffer
+//! ([`crate::buffer`]); reads look at the buffer, then sled, which is safe to read from many
+//! threads. A read may observe a write between the moment it is applied and the moment its fsync
+//! returns (a millisecond or two). Nothing is acknowledged to a writer, and no outbox entry is
+//! handed out, before it is durable; and if that fsync fails the store refuses every later call
+//! ([`StorageError::Poisoned`]).
 
 use std::fmt;
 use std::fs;
@@ -13,15 +14,15 @@ use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use crate::buffer::{Found, Merged, WriteBuffer};
 use crate::codec;
-use crate::committer::{self, Committer, PendingWrite, Request};
+use crate::committer::{self, Committer};
 use crate::error::StorageError;
 use crate::keys;
 use crate::wal;
@@ -35,8 +36,6 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// Tuning of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Most [`WriteBatch`]es put into one commit group (one apply, one log record, one fsync).
-    pub max_batch_writes: usize,
     /// fsync the write-ahead log after each round (and sled's files at checkpoints). Only tests
     /// that want speed turn this off; with it off a commit survives `kill -9` (the log was written
     /// to the kernel) but not power loss.
@@ -46,11 +45,17 @@ pub struct StoreOptions {
     /// less than the nodes really take: at 64 MiB per store the process held about 280 MB more
     /// after 237,000 orders than at 16 MiB, with the same throughput.
     pub cache_bytes: u64,
+    /// Least time between the starts of two log rounds (write + fsync) while writers are
+    /// concurrent; a lone writer is never held back. Each round costs tens of microseconds of
+    /// CPU whatever it carries, so under load fewer, fuller rounds leave more CPU for the work,
+    /// at the price of half this interval of latency per write on average. Zero: a round starts
+    /// as soon as the last one ends.
+    pub min_round_interval: Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_batch_writes: 4096, fsync: true, cache_bytes: 16 * 1024 * 1024 }
+        StoreOptions { fsync: true, cache_bytes: 16 * 1024 * 1024, min_round_interval: Duration::from_millis(1) }
     }
 }
 
@@ -154,8 +159,9 @@ pub struct Committed {
 pub struct StoreStats {
     /// fsync calls made so far (files and directories, including those at open).
     pub fsyncs: u64,
-    /// Commit groups made durable.
-    pub groups: u64,
+    /// Rounds of the log that made writes durable (one log write and one fsync each: the
+    /// groups of group commit).
+    pub rounds: u64,
     /// WriteBatches committed (acknowledged as durable).
     pub writes: u64,
 }
@@ -341,7 +347,7 @@ pub(crate) struct Shared {
     pub(crate) durable_outbox: AtomicU64,
     pub(crate) notify: Arc<Notify>,
     pub(crate) fsyncs: AtomicU64,
-    pub(crate) groups: AtomicU64,
+    pub(crate) rounds: AtomicU64,
     pub(crate) writes: AtomicU64,
     closed: AtomicBool,
     /// Set forever by the first failed flush/fsync.
@@ -426,8 +432,8 @@ impl Shared {
 /// The handle all clones share; dropping the last one closes the store.
 struct Handle {
     shared: Arc<Shared>,
-    sender: mpsc::Sender<Request>,
-    committer: Mutex<Option<JoinHandle<()>>>,
+    /// The write path's front half, run by each writer in turn; `None` once closed.
+    committer: Mutex<Option<Committer>>,
 }
 
 impl Drop for Handle {
@@ -440,25 +446,16 @@ impl Drop for Handle {
 
 impl Handle {
     fn close(&self) -> Result<(), StorageError> {
-        let mut committer = self.committer.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(thread) = committer.take() else {
+        // Writers hold this lock while they hand their write on, so every write taken before
+        // this point is answered by the syncer's final round; later ones find `None` (Closed).
+        let Some(mut committer) = self.committer.lock().unwrap_or_else(PoisonError::into_inner).take() else {
             return Ok(()); // already closed
         };
         self.shared.closed.store(true, Ordering::SeqCst);
-        let (tx, rx) = mpsc::sync_channel(1);
-        // The committer answers every write queued before this message, then flushes, fsyncs and
-        // exits; writes queued after it find the channel closed and get `Closed`.
-        let result = match self.sender.send(Request::Close(tx)) {
-            Ok(()) => rx
-                .recv()
-                .unwrap_or_else(|_| Err(self.shared.io_error("close", "committer thread ended without answering"))),
-            Err(_) => Err(self.shared.io_error("close", "committer thread is gone")),
-        };
-        if thread.join().is_err() {
-            tracing::error!(store = %self.shared.name, "committer thread panicked");
-        }
-        // Drop our sled handle so its files and lock are released now, not when the last clone of
-        // the Store goes away.
+        let result = committer.stop();
+        // Drop our sled handles so its files and lock are released now, not when the last clone
+        // of the Store goes away.
+        drop(committer);
         let db = self.shared.db.write().unwrap_or_else(PoisonError::into_inner).take();
         drop(db);
         tracing::info!(store = %self.shared.name, path = %self.shared.path.display(), "store closed");
@@ -499,25 +496,23 @@ impl Store {
     /// sentinel file) but whose database lost its layout marker, or recovered fewer commit groups
     /// than were durable at the last clean close, is refused.
     pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store, StorageError> {
-        let (shared, committer, receiver, sender) = open_parts(dir.as_ref(), options)?;
-        let path = shared.path.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("storage-commit-{}", shared.name))
-            .spawn(move || committer.run(receiver))
-            .map_err(|e| open_error(&path, e))?;
-        Ok(Store { inner: Arc::new(Handle { shared, sender, committer: Mutex::new(Some(thread)) }) })
+        let (shared, mut committer) = open_parts(dir.as_ref(), options)?;
+        committer.start_syncer().map_err(|e| open_error(&shared.path, e))?;
+        Ok(Store { inner: Arc::new(Handle { shared, committer: Mutex::new(Some(committer)) }) })
     }
 
-    /// For unit tests: a store whose committer is not started but handed to the test, which
-    /// drives groups by hand. Closing it does nothing.
+    /// For unit tests: a store whose syncer runs inline, on the writer's thread (each write is
+    /// its own round), so a test can drive the committer by hand (see `with_committer`).
     #[cfg(test)]
-    pub(crate) fn open_manual(
-        dir: &Path,
-        options: StoreOptions,
-    ) -> Result<(Store, Committer, mpsc::Receiver<Request>), StorageError> {
-        let (shared, committer, receiver, sender) = open_parts(dir, options)?;
-        let store = Store { inner: Arc::new(Handle { shared, sender, committer: Mutex::new(None) }) };
-        Ok((store, committer, receiver))
+    pub(crate) fn open_manual(dir: &Path, options: StoreOptions) -> Result<Store, StorageError> {
+        let (shared, committer) = open_parts(dir, options)?;
+        Ok(Store { inner: Arc::new(Handle { shared, committer: Mutex::new(Some(committer)) }) })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_committer<R>(&self, f: impl FnOnce(&mut Committer) -> R) -> R {
+        let mut committer = self.inner.committer.lock().unwrap_or_else(PoisonError::into_inner);
+        f(committer.as_mut().expect("store is open"))
     }
 
     /// The store's directory.
@@ -544,11 +539,12 @@ impl Store {
         }
         let prepared = Prepared::new(batch)?;
         let (reply, answer) = oneshot::channel();
-        self.inner
-            .sender
-            .send(Request::Write(PendingWrite { batch: prepared, reply }))
-            .map_err(|_| StorageError::Closed)?;
-        // A dropped reply means the committer exited (closed) without taking this write.
+        {
+            let mut committer = self.inner.committer.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(committer) = committer.as_mut() else { return Err(StorageError::Closed) };
+            committer.commit(prepared, reply);
+        }
+        // A dropped reply means the syncer stopped (closed) without taking this write.
         answer.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -791,7 +787,7 @@ impl Store {
         let shared = self.shared();
         StoreStats {
             fsyncs: shared.fsyncs.load(Ordering::Relaxed),
-            groups: shared.groups.load(Ordering::Relaxed),
+            rounds: shared.rounds.load(Ordering::Relaxed),
             writes: shared.writes.load(Ordering::Relaxed),
         }
     }
@@ -809,7 +805,7 @@ fn store_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
 }
 
-type Parts = (Arc<Shared>, Committer, mpsc::Receiver<Request>, mpsc::Sender<Request>);
+type Parts = (Arc<Shared>, Committer);
 
 /// Opens sled, checks the store's integrity markers, restores counters and makes the recovered
 /// state durable; everything of `Store::open` but starting the committer thread.
@@ -922,7 +918,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
         durable_outbox: AtomicU64::new(next_outbox - 1),
         notify: Arc::new(Notify::new()),
         fsyncs: AtomicU64::new(0),
-        groups: AtomicU64::new(0),
+        rounds: AtomicU64::new(0),
         writes: AtomicU64::new(0),
         closed: AtomicBool::new(false),
         poisoned: OnceLock::new(),
@@ -933,15 +929,14 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
     // Creating the committer makes what recovery found (and the marker) durable before anything
     // is built on it, and starts a fresh write-ahead log.
     let committer =
-        Committer::new(db, shared.clone(), options, next_outbox, commit_seq).map_err(|e| open_error(&path, e))?;
+        Committer::new(db, shared.clone(), &options, next_outbox, commit_seq).map_err(|e| open_error(&path, e))?;
     if sentinel.is_none() {
         write_sentinel(&path, commit_seq).map_err(|e| open_error(&path, e))?;
         shared.fsyncs.fetch_add(2, Ordering::Relaxed);
     }
 
-    let (sender, receiver) = mpsc::channel();
     tracing::info!(store = %shared.name, path = %path.display(), next_outbox, commit_seq, "store opened");
-    Ok((shared, committer, receiver, sender))
+    Ok((shared, committer))
 }
 
 /// sled's log segment (and I/O buffer) size. sled writes and `sync_file_range`s a buffer each

@@ -12,11 +12,11 @@
 //! codec-encoded [`WalRecord`]: the group's sequence number and every key it put or removed.
 //! Replaying a record is applying those changes again, so it is exact and idempotent.
 //!
-//! Recovery (see `Store::open`): sled recovers some prefix of its applied groups (each group is
-//! one atomic sled batch that also records its sequence number, `m\0commit_seq`); every record
-//! with a higher sequence number is applied again, in order. A checkpoint (sled flush + fsync of
-//! its files) makes the records up to it redundant, so the log then starts a new segment and
-//! deletes the older ones.
+//! Recovery (see `Store::open`): sled recovers some prefix of what was moved into it (each move
+//! of the write buffer writes the number of its last group, `m\0commit_seq`, after everything
+//! else); every record with a higher sequence number is applied again, in order. A checkpoint
+//! (move, sled flush, fsync of its files) makes the records up to it redundant, so the log then
+//! starts a new segment and deletes the older ones.
 
 use std::fs;
 use std::io::{self, Read, Write};
