@@ -453,6 +453,7 @@ impl Syncer {
         loop {
             let mut round = Vec::new();
             let mut close = None;
+            self.pace();
             let message = if self.checkpoints.requested != self.durable_seq {
                 // Something is only in the log: wake up for the checkpoint even if idle.
                 let wait = CHECKPOINT_EVERY.saturating_sub(self.checkpoints.requested_at.elapsed());
@@ -493,16 +494,27 @@ impl Syncer {
         }
     }
 
-    /// Takes every write already handed over, and waits for more: while rounds would come
-    /// faster than `min_round_interval`, and a little when the writers the last round
-    /// acknowledged are about to be back.
+    /// While writers are concurrent (the last round carried more than one write), sleeps until
+    /// `min_round_interval` after the last round started; writes handed over meanwhile wait in
+    /// the channel for the next round.
     ///
-    /// Why an interval: a round costs 50-80 µs of CPU however few writes it carries (the
-    /// `fdatasync` alone is ~50 µs of kernel time here, plus the wake-ups), and with a fast disk
-    /// (0.2 ms) and many writers, rounds came back to back: 4,000+ a second for the three stores
-    /// of `dev`, a fifth of the machine. One round per millisecond per store at most costs each
-    /// write half a millisecond on average. Only when the last round carried more than one
-    /// write: a lone writer (one saga step after another on an idle node) never waits.
+    /// Why: a round costs 50-80 µs of CPU however few writes it carries (the `fdatasync` alone
+    /// is ~50 µs of kernel time here, plus the wake-ups), and with a fast disk (0.2 ms) and many
+    /// writers, rounds came back to back: 4,000+ a second for the three stores of `dev`, a fifth
+    /// of the machine. One round per millisecond per store at most costs each write half a
+    /// millisecond on average. A sleep, not a wait on the channel: that would wake this thread
+    /// for every write. A lone writer (one saga step after another on an idle node) never waits.
+    fn pace(&self) {
+        if self.last_round > 1 {
+            let wait = self.min_round_interval.saturating_sub(self.round_started.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Takes every write already handed over, and waits a little for more when the writers the
+    /// last round acknowledged are about to be back.
     ///
     /// Why wait: when a round acknowledges N writers that write again at once, they come back
     /// one at a time. Starting the flush before they are back makes each of them wait
@@ -515,21 +527,6 @@ impl Syncer {
     /// round's fsync, which is better. A lone writer never waits (it is back as soon as it is
     /// acknowledged), and neither does a round after a quiet spell (nothing was acknowledged).
     fn gather(&mut self, writes: &mpsc::Receiver<SyncMessage>, round: &mut Vec<Applied>) -> Option<CloseRequest> {
-        // Concurrent writers: no round starts sooner than `min_round_interval` after the last.
-        if self.last_round > 1 {
-            let start_at = self.round_started + self.min_round_interval;
-            loop {
-                let now = Instant::now();
-                if now >= start_at {
-                    break;
-                }
-                match writes.recv_timeout(start_at - now) {
-                    Ok(SyncMessage::Write(write)) => round.push(write),
-                    Ok(SyncMessage::Close { commit_seq, reply }) => return Some((commit_seq, reply)),
-                    Err(_) => break,
-                }
-            }
-        }
         let window = (self.round_avg / 4).min(MAX_GATHER_WINDOW);
         let deadline = Instant::now() + window;
         let write_cost = Duration::from_nanos(self.shared.write_cost_ns.load(Ordering::Relaxed));
