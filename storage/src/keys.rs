@@ -79,6 +79,18 @@ pub(crate) fn event_seq(prefix: &[u8], key: &[u8]) -> Option<(u64, u8)> {
     (last >= u64::from(count)).then_some((last, count))
 }
 
+/// The entity prefix (`e\0<entity>\0`) of an event key, if it is one.
+pub(crate) fn event_key_prefix(key: &[u8]) -> Option<&[u8]> {
+    let name = key.strip_prefix(&[EVENT, 0])?;
+    let end = name.iter().position(|b| *b == 0)?;
+    Some(&key[..2 + end + 1])
+}
+
+/// The events a record holds (one, or `count` packed).
+pub(crate) fn record_events(value: &[u8], count: u8) -> Option<Vec<Vec<u8>>> {
+    if count == 1 { Some(vec![value.to_vec()]) } else { unpack_events(value, count) }
+}
+
 /// The value of a packed record: each event as `len u32 LE` + bytes.
 pub(crate) fn pack_events(events: &[Vec<u8>]) -> Vec<u8> {
     let mut value = Vec::with_capacity(events.iter().map(|e| 4 + e.len()).sum());

@@ -567,28 +567,29 @@ impl Store {
                     keys::event_seq(&prefix, &key).ok_or_else(|| shared.corrupt(&key, "malformed event key", None))?;
                 let first = last - u64::from(count) + 1;
                 // Seqs are assigned contiguously and events are never deleted: a gap means the
-                // engine lost a record, which must not pass as a shorter history. Only the first
-                // record may start before `expected` (a packed one holding it among earlier ones).
-                if first > expected || (first < expected && !out.is_empty()) {
+                // engine lost a record, which must not pass as a shorter history. A record may
+                // start before `expected`: a packed one holding it among earlier events, or
+                // records the checkpoint packed together, seen both ways while it moves them
+                // (or both kept after a crash in the middle): events already read are skipped.
+                if first > expected {
                     return Err(shared.corrupt(
                         &key,
                         format!("event sequence gap: expected seq {expected}, found {first}"),
                         None,
                     ));
                 }
-                expected = last + 1;
-                if count == 1 {
-                    out.push(StoredEvent { seq: last, bytes: value.to_vec() });
+                if last < expected {
                     continue;
                 }
-                let events = keys::unpack_events(&value, count)
+                let events = keys::record_events(&value, count)
                     .ok_or_else(|| shared.corrupt(&key, format!("packed record does not hold {count} events"), None))?;
                 out.extend(
                     (first..)
                         .zip(events)
-                        .filter(|(seq, _)| *seq > after_seq)
+                        .filter(|(seq, _)| *seq >= expected)
                         .map(|(seq, bytes)| StoredEvent { seq, bytes }),
                 );
+                expected = last + 1;
             }
             Ok(out)
         })
