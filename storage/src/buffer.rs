@@ -305,7 +305,7 @@ impl Iterator for Merged<'_> {
             if !from_buffer {
                 let item = self.sled.next()?;
                 if let Ok((key, _)) = &item {
-                    self.passed(&key.clone());
+                    self.passed(key);
                 }
                 return Some(item);
             }

@@ -92,9 +92,7 @@ impl Checkpointer {
     /// every request waiting for a core behind it felt that in its latency.
     pub(crate) fn drain(&self) -> io::Result<()> {
         let table = self.shared.buffer.freeze();
-        if !table.entries.is_empty() || table.last_seq > 0 {
-            self.write_to_sled(&table)?;
-        }
+        self.write_to_sled(&table)?;
         self.shared.buffer.release();
         Ok(())
     }
@@ -110,24 +108,23 @@ impl Checkpointer {
     fn write_to_sled(&self, table: &Table) -> io::Result<()> {
         let mut entries = table.entries.iter().peekable();
         while let Some((key, value)) = entries.next() {
-            let result = match value {
-                None => self.db.remove(key.as_slice()).map(drop),
-                Some(value) => match keys::event_key_prefix(key) {
-                    Some(prefix) => {
-                        let mut run = vec![(key.as_slice(), value.as_ref())];
-                        while let Some((next, Some(next_value))) = entries.peek() {
-                            if keys::event_key_prefix(next) != Some(prefix) || run.len() == keys::MAX_PACKED {
-                                break;
-                            }
-                            run.push((next.as_slice(), next_value.as_ref()));
-                            entries.next();
-                        }
-                        self.write_events(prefix, &run)
-                    }
-                    None => self.db.insert(key.as_slice(), value.clone()).map(drop),
-                },
+            let Some(value) = value else {
+                self.db.remove(key.as_slice()).map_err(io::Error::from)?;
+                continue;
             };
-            result.map_err(io::Error::from)?;
+            let Some(prefix) = keys::event_key_prefix(key) else {
+                self.db.insert(key.as_slice(), value.clone()).map_err(io::Error::from)?;
+                continue;
+            };
+            let mut run = vec![(key.as_slice(), value.as_ref())];
+            while let Some((next, Some(next_value))) = entries.peek() {
+                if keys::event_key_prefix(next) != Some(prefix) || run.len() == keys::MAX_PACKED {
+                    break;
+                }
+                run.push((next.as_slice(), next_value.as_ref()));
+                entries.next();
+            }
+            self.write_events(prefix, &run).map_err(io::Error::from)?;
         }
         if table.last_seq > 0 {
             let seq = codec::encode(&table.last_seq)

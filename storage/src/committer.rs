@@ -203,13 +203,11 @@ impl Committer {
         if self.versions.len() > VERSION_CACHE_MAX {
             self.versions.clear();
         }
-        let first_outbox = self.next_outbox;
         let (answer, logged) = match self.check(&batch) {
             Err(rejection) => (Err(rejection), None),
             Ok(()) => {
-                let mut changes = Vec::new();
-                let committed = self.accept(batch, &mut changes);
-                match self.apply(changes, self.next_outbox != first_outbox) {
+                let (committed, changes) = self.accept(batch);
+                match self.apply(changes, !committed.outbox_ids.is_empty()) {
                     Ok(logged) => (Ok(committed), Some(logged)),
                     Err(cause) => {
                         tracing::error!(store = %self.shared.name, error = %cause, "commit failed; store poisoned");
@@ -225,9 +223,9 @@ impl Committer {
         let average = self.shared.write_cost_ns.load(Ordering::Relaxed);
         self.shared.write_cost_ns.store((average * 7 + cost) / 8, Ordering::Relaxed);
         let applied = Applied {
+            outbox_watermark: answer.as_ref().ok().and_then(|c| c.outbox_ids.last().copied()),
             reply,
             answer,
-            outbox_watermark: (self.next_outbox != first_outbox).then(|| self.next_outbox - 1),
             logged,
             applied_at: Instant::now(),
         };
@@ -286,7 +284,8 @@ impl Committer {
     }
 
     /// Turns an accepted batch into its changes, numbering its outbox entries.
-    fn accept(&mut self, prepared: Prepared, batch: &mut Vec<Change>) -> Committed {
+    fn accept(&mut self, prepared: Prepared) -> (Committed, Vec<Change>) {
+        let mut batch = Vec::new();
         let mut versions = Vec::with_capacity(prepared.appends.len());
         for append in prepared.appends {
             for (key, bytes) in append.events {
@@ -318,7 +317,7 @@ impl Committer {
         for (key, value) in prepared.index_put {
             batch.push(Change::Put(key, value));
         }
-        Committed { outbox_ids, versions }
+        (Committed { outbox_ids, versions }, batch)
     }
 
     /// Applies a write (to the write buffer) as the next commit group, with the store's

@@ -613,8 +613,9 @@ impl Store {
         shared.read(|db| {
             let mut out = Vec::new();
             while out.len() < limit {
-                let range = (Bound::Included(start.clone()), Bound::Excluded(space_end.clone()));
-                let Some(item) = shared.scan(db, range.0, range.1, false).next() else { break };
+                let mut range =
+                    shared.scan(db, Bound::Included(start.clone()), Bound::Excluded(space_end.clone()), false);
+                let Some(item) = range.next() else { break };
                 let (key, _) = item.map_err(|e| shared.sled_error("scan entities", e))?;
                 let name = key[space.len()..]
                     .split(|b| *b == 0)
@@ -809,7 +810,7 @@ fn store_name(path: &Path) -> String {
 type Parts = (Arc<Shared>, Committer);
 
 /// Opens sled, checks the store's integrity markers, restores counters and makes the recovered
-/// state durable; everything of `Store::open` but starting the committer thread.
+/// state durable; everything of `Store::open` but starting the syncer thread.
 fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError> {
     let path = path.to_path_buf();
     fs::create_dir_all(&path).map_err(|e| open_error(&path, e))?;
