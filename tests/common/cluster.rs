@@ -28,9 +28,33 @@ pub const NODE_ENV: &[(&str, &str)] = &[
     ("ORDERMESH_RATE_LIMIT_BURST", "100000"),
 ];
 
-/// A free TCP port on loopback (free when asked; the node binds it a moment later).
+/// A free TCP port on loopback, below the kernel's ephemeral range and never handed out twice
+/// by this process. A node binds it a moment later, and another member of the same cluster may
+/// be up already: an ephemeral port (`bind :0`) can meanwhile be taken as the local end of that
+/// member's outgoing connection, and then the node fails with "address in use".
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let mut given = GIVEN.lock().map_err(|_| anyhow!("port registry poisoned"))?;
+    // Start somewhere different in each process, so test binaries run one after another (or
+    // side by side) do not all probe the same ports.
+    let start = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), std::process::id());
+    let span = u64::from(high - low);
+    for step in 0..span {
+        let port = low + u16::try_from((start + step) % span)?;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {low}..{high}")
 }
 
 /// Sends a signal (`KILL`, `STOP`, `CONT`, `TERM`) to a process with the `kill` command.
@@ -65,6 +89,11 @@ pub struct Spec {
 impl Spec {
     pub fn base(&self) -> Option<String> {
         self.http_port.map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Where the node's stderr goes: beside its data dir, which the node owns.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.with_extension("log")
     }
 }
 
@@ -182,8 +211,23 @@ impl Cluster {
             .envs(NODE_ENV.iter().copied())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(&self.args)
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("ORDERMESH_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() });
+            .stdout(Stdio::piped());
+        // The node's log goes to a file beside its data dir (appended across restarts), so a
+        // node that dies can say why.
+        let log_path = spec.log_path();
+        if std::env::var_os("ORDERMESH_TEST_LOG").is_some() {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            if let Some(parent) = log_path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("cannot open {}", log_path.display()))?;
+            cmd.stderr(log);
+        }
         if let Some(port) = spec.http_port {
             cmd.arg("--http").arg(format!("127.0.0.1:{port}"));
         }
@@ -193,7 +237,12 @@ impl Cluster {
         let mut lines = BufReader::new(stdout).lines();
         match lines.next() {
             Some(Ok(line)) if line.starts_with("ordermesh node") => {}
-            other => bail!("node {name} did not start: {other:?}"),
+            other => {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                bail!("node {name} did not start (first line {other:?}); its log ends:\n{tail}")
+            }
         }
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
