@@ -40,6 +40,7 @@ pub fn service_settings(config: &Config) -> Settings {
         call_timeout: config.reservation_timeout(),
         entity_idle: config.entity_idle(),
         idempotency_retention: config.idempotency_retention(),
+        commit_interval: config.commit_interval(),
         ..defaults
     }
 }

@@ -63,6 +63,8 @@ pub struct Settings {
     pub idempotency_retention: Duration,
     /// fsync every commit group (off only in tests that want speed over power-loss safety).
     pub fsync: bool,
+    /// Least time between the starts of two log rounds of a store while writers are concurrent.
+    pub commit_interval: Duration,
 }
 
 impl Default for Settings {
@@ -80,6 +82,7 @@ impl Default for Settings {
             snapshot_every: 1000,
             idempotency_retention: Duration::from_secs(24 * 3600),
             fsync: true,
+            commit_interval: StoreOptions::default().min_round_interval,
         }
     }
 }
@@ -214,7 +217,11 @@ impl Services {
             if !on {
                 return Ok(None);
             }
-            let options = StoreOptions { fsync: settings.fsync, ..StoreOptions::default() };
+            let options = StoreOptions {
+                fsync: settings.fsync,
+                min_round_interval: settings.commit_interval,
+                ..StoreOptions::default()
+            };
             Store::open(service_dir(data_dir, service), options)
                 .map(Some)
                 .map_err(|source| StartError::Store { service, source })
