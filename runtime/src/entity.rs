@@ -120,7 +120,7 @@ pub enum EntityMsg<M> {
     FromRouter(M),
     /// Sent by the entity to itself.
     FromSelf(M),
-    /// Periodic check whether the entity has been idle long enough to passivate.
+    /// The idle timer fired: passivate if nothing arrived meanwhile (else wait out the rest).
     IdleCheck,
     /// The router agreed to passivation: stop after everything queued before this.
     Stop,
@@ -285,6 +285,9 @@ struct EntityState<E: Entity> {
     processed_from_router: u64,
     last_activity: Instant,
     idle_after: Duration,
+    /// Armed only while the entity could passivate: an entity busy with a saga cannot, and one
+    /// whose work is over passivates at once, so most never need a timer (it was a task spawned
+    /// and aborted per order).
     idle_timer: Option<JoinHandle<()>>,
 }
 
@@ -299,7 +302,6 @@ impl<E: Entity> Actor for EntityActor<E> {
         args: EntityArgs<E>,
     ) -> Result<Self::State, ActorProcessingErr> {
         // Nothing slow here: the router awaits this. Loading happens on the first message.
-        let idle_timer = Some(myself.send_interval(args.idle_after / 2, || EntityMsg::IdleCheck));
         Ok(EntityState {
             ctx: EntityContext { key: args.key, deps: args.deps, myself },
             router: args.router,
@@ -307,7 +309,7 @@ impl<E: Entity> Actor for EntityActor<E> {
             processed_from_router: 0,
             last_activity: Instant::now(),
             idle_after: args.idle_after,
-            idle_timer,
+            idle_timer: None,
         })
     }
 
@@ -335,9 +337,14 @@ impl<E: Entity> Actor for EntityActor<E> {
                 return Ok(());
             }
             EntityMsg::IdleCheck => {
-                let idle = state.last_activity.elapsed() >= state.idle_after;
-                if idle && state.entity.as_ref().is_none_or(E::can_passivate) {
-                    ask_to_passivate(&myself, state);
+                state.idle_timer = None;
+                if state.entity.as_ref().is_none_or(E::can_passivate) {
+                    let idle_for = state.last_activity.elapsed();
+                    if idle_for >= state.idle_after {
+                        ask_to_passivate(&myself, state);
+                    } else {
+                        arm_idle_timer(&myself, state, state.idle_after - idle_for);
+                    }
                 }
                 return Ok(());
             }
@@ -352,13 +359,24 @@ impl<E: Entity> Actor for EntityActor<E> {
             }
         };
         entity.handle(msg, &state.ctx).await?;
-        if entity.finished() && entity.can_passivate() {
+        match (entity.can_passivate(), entity.finished()) {
             // The router agrees only if nothing it forwarded is still queued here; if it does
-            // not, the idle check asks again later.
-            ask_to_passivate(&myself, state);
+            // not, the handling of what is queued asks again.
+            (true, true) => ask_to_passivate(&myself, state),
+            (true, false) if state.idle_timer.is_none() => arm_idle_timer(&myself, state, state.idle_after),
+            // Busy (a saga or a charge in flight): the message that ends it re-checks.
+            _ => {}
         }
         Ok(())
     }
+}
+
+fn arm_idle_timer<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &mut EntityState<E>, after: Duration) {
+    let me = myself.clone();
+    state.idle_timer = Some(tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let _ = me.send_message(EntityMsg::IdleCheck);
+    }));
 }
 
 fn ask_to_passivate<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &EntityState<E>) {
