@@ -72,8 +72,20 @@ pub struct GatewayServices {
 /// What every handler can reach. Cloned per request, so everything in it is a handle.
 /// Public only because the handlers (public for the OpenAPI document) name it; its fields
 /// are the crate's business.
+/// What every handler shares, behind one `Arc`: axum clones the state for each request, and
+/// cloning the service handles field by field (a dozen `Arc`s) showed up in profiles.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppShared>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppShared;
+
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+pub struct AppShared {
     /// The service handles.
     pub(crate) services: GatewayServices,
     /// Verifies bearer tokens; the [`auth::Auth`] extractor finds it through [`FromRef`].
@@ -105,13 +117,13 @@ pub fn router(
     readiness: Readiness,
 ) -> Router {
     let max_order_wait = std::time::Duration::from_millis(config.request_timeout_ms / 2);
-    let state = AppState {
+    let state = AppState(Arc::new(AppShared {
         services,
         authenticator: authenticator.clone(),
         readiness,
         metrics: metrics_handle(),
         max_order_wait,
-    };
+    }));
 
     let v1 = Router::new()
         .route("/v1/orders", post(routes::orders::place_order).get(routes::orders::list_orders))
