@@ -69,11 +69,10 @@ pub struct GatewayServices {
     pub inventory: InventoryService,
 }
 
-/// What every handler can reach. Cloned per request, so everything in it is a handle.
+/// What every handler can reach, behind one `Arc`: axum clones the state for each request,
+/// and cloning the service handles field by field (a dozen `Arc`s) showed up in profiles.
 /// Public only because the handlers (public for the OpenAPI document) name it; its fields
 /// are the crate's business.
-/// What every handler shares, behind one `Arc`: axum clones the state for each request, and
-/// cloning the service handles field by field (a dozen `Arc`s) showed up in profiles.
 #[derive(Clone)]
 pub struct AppState(Arc<AppShared>);
 
@@ -85,6 +84,7 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// The contents of an [`AppState`].
 pub struct AppShared {
     /// The service handles.
     pub(crate) services: GatewayServices,

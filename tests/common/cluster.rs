@@ -40,9 +40,9 @@ pub fn free_port() -> anyhow::Result<u16> {
         .unwrap_or(32768);
     let (low, high) = (10_000u16, ephemeral_low.max(10_001));
     let mut given = GIVEN.lock().map_err(|_| anyhow!("port registry poisoned"))?;
-    // Start somewhere different in each process, so test binaries run one after another (or
-    // side by side) do not all probe the same ports.
-    let start = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), std::process::id());
+    // A random start (`RandomState` is seeded at random), so test binaries run one after
+    // another or side by side do not all probe the same ports.
+    let start = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
     let span = u64::from(high - low);
     for step in 0..span {
         let port = low + u16::try_from((start + step) % span)?;
