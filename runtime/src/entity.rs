@@ -86,11 +86,7 @@ impl<E: Entity> EntityContext<E> {
 
     /// Queues a message to this entity after `delay` (a timer; dropped if the actor stops).
     pub fn send_self_after(&self, delay: Duration, msg: E::Msg) -> JoinHandle<()> {
-        let me = self.myself.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = me.send_message(EntityMsg::FromSelf(msg));
-        })
+        send_after(&self.myself, delay, EntityMsg::FromSelf(msg))
     }
 
     /// A cheap handle that can post messages to this entity from a spawned task.
@@ -372,11 +368,17 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 fn arm_idle_timer<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &mut EntityState<E>, after: Duration) {
-    let me = myself.clone();
-    state.idle_timer = Some(tokio::spawn(async move {
-        tokio::time::sleep(after).await;
-        let _ = me.send_message(EntityMsg::IdleCheck);
-    }));
+    state.idle_timer = Some(send_after(myself, after, EntityMsg::IdleCheck));
+}
+
+/// Sends `msg` to `actor` after `delay` (a timer task; abort the handle to cancel it). Not
+/// ractor's `send_after`, whose handle carries the send's result, which nobody here reads.
+fn send_after<M: Send + 'static>(actor: &ActorRef<EntityMsg<M>>, delay: Duration, msg: EntityMsg<M>) -> JoinHandle<()> {
+    let actor = actor.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = actor.send_message(msg);
+    })
 }
 
 fn ask_to_passivate<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &EntityState<E>) {

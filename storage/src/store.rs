@@ -279,21 +279,17 @@ impl Prepared {
             let prefix = keys::event_prefix(&append.entity);
             // The events of one append go into as few records as possible: every sled insert
             // costs far more than its bytes (the orders' saga writes two events at once).
-            let events = match <[Vec<u8>; 1]>::try_from(append.events) {
-                Ok([one]) => vec![(keys::event_key(&prefix, new_version), one)],
-                Err(many) => {
-                    let mut last = append.expected_version;
-                    let mut records = Vec::new();
-                    for chunk in many.chunks(keys::MAX_PACKED) {
-                        last += chunk.len() as u64;
-                        records.push(match chunk {
-                            [one] => (keys::event_key(&prefix, last), one.clone()), // the rare remainder
-                            many => (keys::packed_event_key(&prefix, last, many.len() as u8), keys::pack_events(many)),
-                        });
-                    }
-                    records
-                }
-            };
+            let mut events = Vec::new();
+            let mut last = append.expected_version;
+            let mut rest = append.events.into_iter().peekable();
+            while rest.peek().is_some() {
+                let mut chunk: Vec<Vec<u8>> = rest.by_ref().take(keys::MAX_PACKED).collect();
+                last += chunk.len() as u64;
+                events.push(match chunk.len() {
+                    1 => (keys::event_key(&prefix, last), chunk.swap_remove(0)),
+                    n => (keys::packed_event_key(&prefix, last, n as u8), keys::pack_events(&chunk)),
+                });
+            }
             appends.push(PreparedAppend {
                 prefix,
                 entity: append.entity,
