@@ -331,7 +331,7 @@ impl Prepared {
 
 // ---------------------------------------------------------------------------------------------
 
-/// State shared by every clone of a [`Store`] and by its committer thread.
+/// State shared by every clone of a [`Store`], its committer and its syncer and checkpoint threads.
 pub(crate) struct Shared {
     pub(crate) path: PathBuf,
     /// The directory's file name: the `store` label of metrics and logs.
@@ -790,7 +790,7 @@ impl Store {
         }
     }
 
-    /// Waits until queued commits are done, flushes and fsyncs, stops the committer thread and
+    /// Waits until queued commits are done, flushes and fsyncs, stops the syncer thread and
     /// releases the database files. Idempotent; also done when the last clone is dropped. Blocks
     /// the calling thread for about one fsync.
     pub fn close(&self) -> Result<(), StorageError> {
