@@ -16,7 +16,7 @@
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use cluster::{Api, Cluster, Load, Pick, mint_token, owner, specs};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -107,14 +107,10 @@ fn run() -> anyhow::Result<bool> {
             initial.insert(sku.to_owned(), INITIAL_STOCK);
         }
 
-        // An order n3 owns, to time its recovery by.
-        let members: Vec<String> = cluster.names();
-        let probe = loop {
-            let id = api.place(&bases[0], &[(SKUS[0], 1)]).await?;
-            if owner("order", &id, &members) == "n3" {
-                break id;
-            }
-        };
+        // An order n3 owns, to time its recovery by: placed through n3's gateway, which
+        // places an order without an idempotency key on its own node.
+        let probe = api.place(&bases[2], &[(SKUS[0], 1)]).await?;
+        ensure!(owner("order", &probe, &cluster.names()) == "n3", "order {probe} placed through n3 is not n3's");
 
         let pick: Pick = Arc::new(|w, n| {
             let i = (w * 7 + n as usize) % SKUS.len();

@@ -206,20 +206,13 @@ async fn frozen_member_is_detected_and_rejoins_after_sigcont() {
     let env = [("ORDERMESH_RESERVATION_TIMEOUT_MS", "5000")];
     let Setup { cluster, api, n1, n2, victim, safe, initial } = setup(dir.path(), &env, 2, 1000).await;
 
-    // Orders known before the freeze: one owned by n3, one owned elsewhere.
-    let mut placed = Vec::new();
-    let (mut frozen_order, mut other_order) = (None, None);
-    while frozen_order.is_none() || other_order.is_none() {
-        let id = api.place(&n1, &[(safe[0].as_str(), 1)]).await.unwrap();
-        if owner("order", &id, &members()) == "n3" {
-            frozen_order.get_or_insert(id.clone())
-        } else {
-            other_order.get_or_insert(id.clone())
-        };
-        placed.push(id);
-    }
-    api.wait_terminal(&n1, &placed, Duration::from_secs(30)).await.unwrap();
-    let (frozen_order, other_order) = (frozen_order.unwrap(), other_order.unwrap());
+    // Orders known before the freeze: one owned by n3, one owned elsewhere (a gateway places
+    // an order without an idempotency key on its own node).
+    let frozen_order = api.place(&cluster.base("n3").unwrap(), &[(safe[0].as_str(), 1)]).await.unwrap();
+    let other_order = api.place(&n1, &[(safe[0].as_str(), 1)]).await.unwrap();
+    assert_eq!(owner("order", &frozen_order, &members()), "n3");
+    assert_eq!(owner("order", &other_order, &members()), "n1");
+    api.wait_terminal(&n1, &[frozen_order.clone(), other_order.clone()], Duration::from_secs(30)).await.unwrap();
 
     cluster.signal("n3", "STOP").unwrap();
     let frozen_at = Instant::now();
@@ -400,11 +393,13 @@ async fn garbage_and_unknown_versions_on_the_cluster_port_do_not_hurt() {
     for sku in [&on_a, &on_b] {
         api.set_stock(&a, sku, 10).await.unwrap();
     }
-    // Until one order lives on b, so b's order endpoint runs a whole saga too.
+    // Until one order lives on b, so b's order endpoint runs a whole saga too (a places an
+    // order without a key on itself; one with a key goes to the key's shard).
     let mut ids: Vec<String> = Vec::new();
     while !ids.iter().any(|id| owner("order", id, &ab) == "b") {
         assert!(ids.len() < 50, "no order landed on b");
-        ids.push(api.place(&a, &[(on_a.as_str(), 1), (on_b.as_str(), 1)]).await.unwrap());
+        let key = format!("garbage-{}", ids.len());
+        ids.push(api.place_keyed(&a, &[(on_a.as_str(), 1), (on_b.as_str(), 1)], Some(&key)).await.unwrap());
     }
     let finished = api.wait_terminal(&a, &ids, Duration::from_secs(30)).await.unwrap();
     assert!(finished.values().all(|s| s == "confirmed"), "after the garbage: {finished:?}");

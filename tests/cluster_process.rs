@@ -36,9 +36,13 @@ async fn three_all_in_one_nodes_confirm_orders_placed_through_any_gateway() {
         initial.insert((*sku).to_owned(), 100);
     }
     let mut ids = Vec::new();
+    let members = cluster.names();
     for i in 0..12usize {
         let items = [(SKUS[i % 6], 1), (SKUS[(i + 1) % 6], 2), (SKUS[(i + 3) % 6], 1)];
-        ids.push(api.place(&bases[i % 3], &items).await.unwrap());
+        let id = api.place(&bases[i % 3], &items).await.unwrap();
+        // Without an idempotency key, the gateway's node picks an id it owns itself.
+        assert_eq!(owner("order", &id, &members), members[i % 3], "order {id} placed through {}", bases[i % 3]);
+        ids.push(id);
     }
     let finished = api.wait_terminal(&bases[0], &ids, Duration::from_secs(30)).await.unwrap();
     assert!(finished.values().all(|s| s == "confirmed"), "not all confirmed: {finished:?}");

@@ -365,10 +365,21 @@ impl Api {
 
     /// Places an order (retrying 503s) and returns its id.
     pub async fn place(&self, base: &str, items: &[(&str, u32)]) -> anyhow::Result<String> {
+        self.place_keyed(base, items, None).await
+    }
+
+    /// [`Self::place`] with an `Idempotency-Key`.
+    pub async fn place_keyed(&self, base: &str, items: &[(&str, u32)], key: Option<&str>) -> anyhow::Result<String> {
         let body = order_body(items);
         let response = self
             .send_retrying(
-                || self.http.post(format!("{base}/v1/orders")).bearer_auth(&self.customer).json(&body),
+                || {
+                    let request = self.http.post(format!("{base}/v1/orders")).bearer_auth(&self.customer).json(&body);
+                    match key {
+                        Some(key) => request.header("idempotency-key", key),
+                        None => request,
+                    }
+                },
                 Duration::from_secs(20),
             )
             .await?;

@@ -342,6 +342,12 @@ impl Cluster {
         self.target(service, owner)
     }
 
+    /// True when this node owns `key` of `service` (false while ownership is undecidable).
+    pub fn owns(&self, service: &str, key: &str) -> bool {
+        let Ok(members) = self.members_of(service) else { return false };
+        ownership::owner_of_key(service, key, self.config.shards, &members) == Some(self.config.name.as_str())
+    }
+
     /// The router of `service` on `node` (this node: `Local`).
     pub fn target(&self, service: &'static str, node: &str) -> Result<Target, CallError> {
         if node == self.config.name {
