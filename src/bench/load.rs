@@ -56,7 +56,8 @@ const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 /// What every sending and polling task shares.
 struct Ctx {
     client: Client,
-    orders_url: Url,
+    /// `.../v1/orders` of each target gateway; order `i` goes to `i % len`.
+    orders_urls: Vec<Url>,
     /// `Bearer ...` per customer.
     tokens: Vec<HeaderValue>,
     /// The JSON body of an order for each sku.
@@ -151,6 +152,8 @@ struct OrderView {
 struct Accepted {
     id: String,
     customer: usize,
+    /// Index of the gateway that placed it (its status is read there too).
+    gateway: usize,
     at: Instant,
 }
 
@@ -163,8 +166,11 @@ enum Failure {
 /// Runs the whole benchmark: check the target, seed, load, wait for confirmations.
 pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> anyhow::Result<Summary> {
     let client = client(plan)?;
-    check_reachable(&client, &plan.target).await?;
-    seed(&client, &plan.target, admin_token, plan.skus).await?;
+    for target in &plan.targets {
+        check_reachable(&client, target).await?;
+    }
+    // Any gateway reaches every sku's owner.
+    seed(&client, &plan.targets[0], admin_token, plan.skus).await?;
 
     let tokens = customer_tokens
         .iter()
@@ -172,13 +178,18 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         .collect::<Result<Vec<_>, _>>()
         .context("a minted token is not a valid header value")?;
     let bodies = (0..plan.skus).map(|sku| order_body(sku, &plan.payment_token)).collect();
-    let orders_url = plan.target.join("v1/orders").context("cannot build the orders URL")?;
+    let orders_urls = plan
+        .targets
+        .iter()
+        .map(|target| target.join("v1/orders"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot build the orders URL")?;
     let cpu_before = cpu_time();
     let start = Instant::now();
     let end = start + plan.duration;
     let ctx = Arc::new(Ctx {
         client,
-        orders_url,
+        orders_urls,
         tokens,
         bodies,
         stats: Stats::new(),
@@ -260,7 +271,7 @@ fn summarize(
     generator_cpu: Option<Duration>,
 ) -> Summary {
     Summary {
-        target: plan.target.to_string(),
+        target: plan.targets.iter().map(Url::as_str).collect::<Vec<_>>().join(","),
         mode: plan.mode,
         duration: plan.duration,
         elapsed,
@@ -466,11 +477,12 @@ async fn closed_loop_worker(ctx: Arc<Ctx>, end: Instant) {
 /// `POST /v1/orders` for order number `i`; latency counts from `intended`.
 async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure> {
     let customer = (i % ctx.tokens.len() as u64) as usize;
+    let gateway = (i % ctx.orders_urls.len() as u64) as usize;
     let sku = rand::random_range(0..ctx.bodies.len());
     ctx.stats.sent.fetch_add(1, Relaxed);
     let sent = ctx
         .client
-        .post(ctx.orders_url.clone())
+        .post(ctx.orders_urls[gateway].clone())
         .header(AUTHORIZATION, ctx.tokens[customer].clone())
         .header(CONTENT_TYPE, "application/json")
         .body(ctx.bodies[sku].clone())
@@ -498,7 +510,7 @@ async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure
     };
     record(&ctx.stats.place, answered.saturating_duration_since(intended));
     ctx.stats.placed.fetch_add(1, Relaxed);
-    Ok(Accepted { id: order.id, customer, at: answered })
+    Ok(Accepted { id: order.id, customer, gateway, at: answered })
 }
 
 /// Follows an order until it is confirmed or cancelled, or the grace period is over (then it
@@ -508,7 +520,7 @@ async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure
 /// latency is taken when the answer that shows `confirmed` arrives: late by the wait for a
 /// poller slot (reported as `poll_wait`), one trip, and with `--poll` up to one interval.
 async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
-    let base = format!("{}/{}", ctx.orders_url, order.id);
+    let base = format!("{}/{}", ctx.orders_urls[order.gateway], order.id);
     let token = &ctx.tokens[order.customer];
     let mut interval = POLL_FIRST;
     loop {

@@ -48,9 +48,11 @@ const DEFAULT_CONCURRENCY: u32 = 64;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Base URL of the gateway, e.g. http://127.0.0.1:8080 (plain HTTP).
-    #[arg(long, value_name = "URL")]
-    target: String,
+    /// Base URL of the gateway, e.g. http://127.0.0.1:8080 (plain HTTP). Several (repeated or
+    /// comma-separated: the gateways of a cluster) take the orders in turn, as a load balancer
+    /// would; each order's status is read through the gateway that placed it.
+    #[arg(long, value_name = "URL", required = true, value_delimiter = ',')]
+    target: Vec<String>,
     /// How long to send orders (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -115,8 +117,8 @@ impl fmt::Display for Mode {
 /// Validated arguments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Base URL, its path ending in `/` so `v1/orders` joins under it.
-    pub target: Url,
+    /// Base URLs (at least one), each path ending in `/` so `v1/orders` joins under it.
+    pub targets: Vec<Url>,
     pub duration: Duration,
     pub mode: Mode,
     pub customers: u32,
@@ -134,7 +136,10 @@ pub struct Plan {
 impl BenchArgs {
     /// Checks every argument; the error names the flag.
     pub fn plan(&self) -> Result<Plan, String> {
-        let target = parse_target(&self.target)?;
+        let targets = self.target.iter().map(|raw| parse_target(raw)).collect::<Result<Vec<_>, _>>()?;
+        if targets.is_empty() {
+            return Err("--target: give at least one gateway URL".into());
+        }
         if !self.payment_token.starts_with("tok_") || self.payment_token.len() > 64 {
             return Err(format!("--payment-token must be a test token like tok_visa, not {:?}", self.payment_token));
         }
@@ -186,7 +191,7 @@ impl BenchArgs {
             return Err("--timeout must be greater than 0".into());
         }
         Ok(Plan {
-            target,
+            targets,
             duration: self.duration,
             mode,
             customers: self.customers,
@@ -306,7 +311,7 @@ mod tests {
         assert_eq!(plan.duration, Duration::from_secs(30));
         assert_eq!((plan.customers, plan.skus, plan.max_in_flight), (1000, 100, 4096));
         assert_eq!(plan.grace, Duration::from_secs(10));
-        assert_eq!(plan.target.as_str(), "http://127.0.0.1:8080/");
+        assert_eq!(plan.targets[0].as_str(), "http://127.0.0.1:8080/");
         assert!(!plan.json);
     }
 
@@ -349,6 +354,16 @@ mod tests {
     }
 
     #[test]
+    fn several_targets_repeated_or_comma_separated() {
+        let plan = parse(&["--target", "http://a:1,http://b:2", "--target", "http://c:3/"]).unwrap();
+        let targets: Vec<&str> = plan.targets.iter().map(Url::as_str).collect();
+        assert_eq!(targets, ["http://a:1/", "http://b:2/", "http://c:3/"]);
+        let err = parse(&["--target", "http://a:1,b:2"]).unwrap_err();
+        assert!(err.contains("b:2"), "{err}");
+        assert!(parse(&[]).is_err(), "a target is required");
+    }
+
+    #[test]
     fn targets_must_be_plain_http_base_urls() {
         let err = parse(&["--target", "127.0.0.1:8080"]).unwrap_err();
         assert!(err.contains("did you mean http://127.0.0.1:8080"), "{err}");
@@ -361,7 +376,7 @@ mod tests {
         let err = parse(&["--target", "http://h:1/?x=1"]).unwrap_err();
         assert!(err.contains("without query"), "{err}");
         let with_prefix = parse(&["--target", "http://gw.local:8080/api"]).unwrap();
-        assert_eq!(with_prefix.target.join("v1/orders").unwrap().as_str(), "http://gw.local:8080/api/v1/orders");
+        assert_eq!(with_prefix.targets[0].join("v1/orders").unwrap().as_str(), "http://gw.local:8080/api/v1/orders");
     }
 
     #[test]

@@ -30,8 +30,19 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
     (stable_hash(key.as_bytes()) % u64::from(shards.max(1))) as u32
 }
 
+/// The placement a service's keys follow. A payment is keyed by its order's id and placed
+/// as that order is: where the same members host both, an order and its payment share a node,
+/// so the saga's payment request and its settlement never cross the network.
+fn placement(service: &str) -> &str {
+    match service {
+        "payment" => "order",
+        other => other,
+    }
+}
+
 /// Rendezvous weight of `member` for `shard` of `service`.
 fn weight(service: &str, shard: u32, member: &str) -> u64 {
+    let service = placement(service);
     let mut buf = Vec::with_capacity(service.len() + member.len() + 6);
     buf.extend_from_slice(service.as_bytes());
     buf.push(0);
@@ -122,6 +133,16 @@ mod tests {
         let members = names(3);
         let differ = (0..64).filter(|s| owner("order", *s, &members) != owner("inventory", *s, &members)).count();
         assert!(differ > 10, "services should not share one placement ({differ} differ)");
+    }
+
+    #[test]
+    fn an_order_and_its_payment_share_a_node_when_the_same_members_host_both() {
+        let members = names(3);
+        for shard in 0..64 {
+            assert_eq!(owner("order", shard, &members), owner("payment", shard, &members));
+        }
+        let payment_only: Vec<String> = members[1..].to_vec();
+        assert!((0..64).all(|s| owner("payment", s, &payment_only).is_some_and(|m| m != "node-0")));
     }
 
     #[test]
