@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 
 bin=${ORDERMESH_BIN:-${CARGO_TARGET_DIR:-target}/release/ordermesh}
 [ -x "$bin" ] || cargo build --release --bin ordermesh
+# The nodes refuse ORDERMESH_* variables that are not settings.
+unset ORDERMESH_BIN
 
 dir=$(mktemp -d)
 export ORDERMESH_JWT_SECRET=bench-cluster-secret-that-is-long-enough-0123456789

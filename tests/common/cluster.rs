@@ -205,6 +205,9 @@ impl Cluster {
             .arg(&spec.services)
             .arg("--data-dir")
             .arg(&spec.dir)
+            // The example's `ORDERMESH_BIN` names the binary; a node would refuse it as an
+            // unknown setting.
+            .env_remove("ORDERMESH_BIN")
             .env("ORDERMESH_JWT_SECRET", super::SECRET)
             .env("ORDERMESH_CLUSTER_COOKIE", &self.cookie)
             .env("ORDERMESH_LOG", std::env::var("ORDERMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()))
