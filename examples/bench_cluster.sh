@@ -48,8 +48,13 @@ for i in 1 2 3; do
     done
 done
 echo "3 nodes ready; load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+gateways=${BENCH_GATEWAYS:-3}
+case "$gateways" in
+    1 | 2 | 3) ;;
+    *) echo "BENCH_GATEWAYS must be 1, 2 or 3 (got $gateways)" >&2; exit 2 ;;
+esac
 targets=()
-for i in $(seq "${BENCH_GATEWAYS:-3}"); do
+for i in $(seq "$gateways"); do
     targets+=("http://127.0.0.1:$((base + 10 + i))")
 done
 "$bin" bench --target "$(IFS=,; echo "${targets[*]}")" "$@"

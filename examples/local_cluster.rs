@@ -109,7 +109,7 @@ fn run() -> anyhow::Result<bool> {
 
         // An order n3 owns, to time its recovery by: placed through n3's gateway, which
         // places an order without an idempotency key on its own node.
-        let probe = api.place(&bases[2], &[(SKUS[0], 1)]).await?;
+        let probe = api.place(&cluster.base("n3")?, &[(SKUS[0], 1)]).await?;
         ensure!(owner("order", &probe, &cluster.names()) == "n3", "order {probe} placed through n3 is not n3's");
 
         let pick: Pick = Arc::new(|w, n| {

@@ -125,6 +125,8 @@ async fn kill_nine_under_load_loses_nothing_and_fails_fast_meanwhile() {
     // Every acknowledged order finishes; none is lost; stock conserved on every sku.
     let acknowledged: BTreeSet<String> = attempts.iter().filter_map(|a| a.id.clone()).collect();
     assert!(acknowledged.len() >= 20, "too few orders acknowledged ({}) to mean anything", acknowledged.len());
+    let of_n3 = acknowledged.iter().filter(|id| owner("order", id, &members()) == "n3").count();
+    assert!(of_n3 > 0, "no acknowledged order (nor its payment) lived on the killed node");
     let ids: Vec<String> = acknowledged.iter().cloned().collect();
     api.wait_terminal(&n2, &ids, Duration::from_secs(60)).await.unwrap();
     let orders = api.all_orders(&n1).await.unwrap();

@@ -205,9 +205,10 @@ impl Cluster {
             .arg(&spec.services)
             .arg("--data-dir")
             .arg(&spec.dir)
-            // The example's `ORDERMESH_BIN` names the binary; a node would refuse it as an
-            // unknown setting.
+            // `ORDERMESH_BIN` (the example's binary) and `ORDERMESH_TEST_LOG` are the harness's;
+            // a node would refuse them as unknown settings.
             .env_remove("ORDERMESH_BIN")
+            .env_remove("ORDERMESH_TEST_LOG")
             .env("ORDERMESH_JWT_SECRET", super::SECRET)
             .env("ORDERMESH_CLUSTER_COOKIE", &self.cookie)
             .env("ORDERMESH_LOG", std::env::var("ORDERMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -563,10 +564,13 @@ impl Load {
                         let items = pick(w, n);
                         let lines: Vec<(&str, u32)> = items.iter().map(|(s, q)| (s.as_str(), *q)).collect();
                         let at = Instant::now();
+                        // A key per attempt spreads the orders over the order nodes by the key's
+                        // shard (without one, each gateway would place them on its own node).
                         let sent = api
                             .http
                             .post(format!("{base}/v1/orders"))
                             .bearer_auth(&api.customer)
+                            .header("idempotency-key", format!("load-{w}-{n}"))
                             .json(&order_body(&lines))
                             .send()
                             .await;

@@ -342,10 +342,13 @@ impl Cluster {
         self.target(service, owner)
     }
 
-    /// True when this node owns `key` of `service` (false while ownership is undecidable).
-    pub fn owns(&self, service: &str, key: &str) -> bool {
-        let Ok(members) = self.members_of(service) else { return false };
-        ownership::owner_of_key(service, key, self.config.shards, &members) == Some(self.config.name.as_str())
+    /// Whether this node owns a key of `service`, as a test for picking new keys it will own
+    /// (the members are read once); `None` while ownership is undecidable.
+    pub fn owned_here<'a>(&'a self, service: &'a str) -> Option<impl Fn(&str) -> bool + 'a> {
+        let members = self.members_of(service).ok()?;
+        Some(move |key: &str| {
+            ownership::owner_of_key(service, key, self.config.shards, &members) == Some(self.config.name.as_str())
+        })
     }
 
     /// The router of `service` on `node` (this node: `Local`).

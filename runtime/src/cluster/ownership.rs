@@ -2,8 +2,10 @@
 //! belongs to one of the members hosting that service, chosen by rendezvous (highest random
 //! weight) hashing over the members' stable names.
 //!
-//! Pure functions, the same in every process and every build: the hash is FNV-1a 64 followed
-//! by a 64-bit finaliser (never `std`'s randomly keyed hasher). Rendezvous hashing means that
+//! Pure functions, the same in every process: the hash is FNV-1a 64 followed by a 64-bit
+//! finaliser (never `std`'s randomly keyed hasher). A change that moves keys must bump
+//! `WIRE_VERSION`, so that nodes placing keys differently never join one cluster (the pinned
+//! owners in the tests catch an unintended one). Rendezvous hashing means that
 //! removing a member moves only the shards it owned, and that a member that comes back under
 //! the same name owns exactly the shards it owned before (its data is still on its disk).
 
@@ -33,7 +35,7 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
 /// The placement a service's keys follow. A payment is keyed by its order's id and placed
 /// as that order is: where the same members host both, an order and its payment share a node,
 /// so the saga's payment request and its settlement never cross the network.
-fn placement(service: &str) -> &str {
+fn placed_as(service: &str) -> &str {
     match service {
         "payment" => "order",
         other => other,
@@ -42,7 +44,7 @@ fn placement(service: &str) -> &str {
 
 /// Rendezvous weight of `member` for `shard` of `service`.
 fn weight(service: &str, shard: u32, member: &str) -> u64 {
-    let service = placement(service);
+    let service = placed_as(service);
     let mut buf = Vec::with_capacity(service.len() + member.len() + 6);
     buf.extend_from_slice(service.as_bytes());
     buf.push(0);
@@ -71,6 +73,10 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    const PINNED_ORDER: [&str; 8] = ["node-2", "node-1", "node-2", "node-0", "node-1", "node-2", "node-1", "node-0"];
+    const PINNED_INVENTORY: [&str; 8] =
+        ["node-1", "node-1", "node-0", "node-1", "node-0", "node-2", "node-0", "node-0"];
+
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("node-{i}")).collect()
     }
@@ -78,11 +84,10 @@ mod tests {
     #[test]
     fn hash_is_stable_across_builds() {
         // Pinned values: a change here re-homes every key of every running cluster.
-        assert_eq!(shard_of("espresso", 64), shard_of("espresso", 64));
-        assert_eq!(stable_hash(b""), stable_hash(b""));
+        assert_eq!(stable_hash(b"ordermesh"), 0xcaf8312f126e734c);
+        assert_eq!(stable_hash(b""), 0xf52a15e9a9b5e89b);
+        assert_eq!(shard_of("espresso", 64), 17);
         assert_ne!(stable_hash(b"a"), stable_hash(b"b"));
-        let pinned = stable_hash(b"ordermesh");
-        assert_eq!(pinned, stable_hash(b"ordermesh"));
         assert!(shard_of("anything", 0) == 0, "zero shards behaves as one");
     }
 
@@ -129,10 +134,22 @@ mod tests {
     }
 
     #[test]
-    fn services_are_placed_independently() {
+    fn stock_is_placed_independently_of_orders_and_payments() {
         let members = names(3);
-        let differ = (0..64).filter(|s| owner("order", *s, &members) != owner("inventory", *s, &members)).count();
-        assert!(differ > 10, "services should not share one placement ({differ} differ)");
+        for other in ["order", "payment"] {
+            let differ = (0..64).filter(|s| owner(other, *s, &members) != owner("inventory", *s, &members)).count();
+            assert!(differ > 10, "inventory should not share the {other} placement ({differ} differ)");
+        }
+    }
+
+    #[test]
+    fn placement_is_pinned() {
+        // A change here moves keys between nodes: bump WIRE_VERSION with it.
+        let members = names(3);
+        let owners = |service| (0..8).map(|s| owner(service, s, &members).unwrap_or("none")).collect::<Vec<_>>();
+        assert_eq!(owners("order"), PINNED_ORDER);
+        assert_eq!(owners("payment"), PINNED_ORDER);
+        assert_eq!(owners("inventory"), PINNED_INVENTORY);
     }
 
     #[test]
@@ -141,8 +158,15 @@ mod tests {
         for shard in 0..64 {
             assert_eq!(owner("order", shard, &members), owner("payment", shard, &members));
         }
+        // With other members, a payment still goes with its order wherever that member hosts
+        // payments too.
         let payment_only: Vec<String> = members[1..].to_vec();
-        assert!((0..64).all(|s| owner("payment", s, &payment_only).is_some_and(|m| m != "node-0")));
+        for shard in 0..64 {
+            let order_owner = owner("order", shard, &members);
+            if order_owner.is_some_and(|m| payment_only.iter().any(|p| p == m)) {
+                assert_eq!(owner("payment", shard, &payment_only), order_owner, "shard {shard}");
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,9 @@ use tokio::sync::Semaphore;
 /// Version of the envelope and of every service payload in it. A node answers a request of
 /// another version with [`WireError::UnsupportedVersion`].
 /// 2: heartbeats carry the shard count.
-pub const WIRE_VERSION: u16 = 2;
+/// 3: payments follow the order placement (`ownership.rs`): nodes of version 2 would look for
+/// a payment elsewhere, so they must not join (their heartbeats are refused).
+pub const WIRE_VERSION: u16 = 3;
 
 /// The one remotable message: an RPC of codec-encoded bytes.
 #[derive(RactorClusterMessage)]
