@@ -51,6 +51,23 @@ async fn three_all_in_one_nodes_confirm_orders_placed_through_any_gateway() {
             assert_eq!(api.order_status(base, id).await.unwrap(), (200, Some("confirmed".to_owned())));
         }
     }
+    // One batched wait through one gateway reaches every owner; each answer carries the ended
+    // orders of the owners that answered first, and the client asks again for the rest.
+    let mut open = ids.clone();
+    for _ in 0..10 {
+        if open.is_empty() {
+            break;
+        }
+        let body = serde_json::json!({"ids": open, "wait_ms": 1000});
+        let response = api.http.post(format!("{}/v1/orders/wait", bases[0])).bearer_auth(&api.customer).json(&body);
+        let waited: serde_json::Value = response.send().await.unwrap().json().await.unwrap();
+        assert_eq!(waited["not_found"], serde_json::json!([]), "{waited}");
+        for order in waited["orders"].as_array().unwrap() {
+            assert_eq!(order["status"], "confirmed");
+            open.retain(|id| order["id"] != id.as_str());
+        }
+    }
+    assert!(open.is_empty(), "batched waits never reported {open:?}");
     let orders = api.all_orders(&bases[2]).await.unwrap();
     assert_eq!(orders.len(), ids.len(), "listing merges every node's orders");
     for base in &bases {

@@ -275,6 +275,48 @@ pub fn rfc3339_millis(at: UnixMillis) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at)).to_string()
 }
 
+/// Most ids one `POST /v1/orders/wait` may name.
+pub const MAX_WAIT_IDS: usize = 1000;
+
+/// The body of `POST /v1/orders/wait`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = WaitOrders)]
+pub struct WaitOrdersRequest {
+    /// The orders to wait for: 1 to 1000 ids.
+    #[schema(min_items = 1, max_items = 1000)]
+    pub ids: Vec<String>,
+    /// How long to wait for one of them to end, in ms (0 to 60000; the server may wait less).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+impl WaitOrdersRequest {
+    /// The wait, or a 422 naming the field.
+    pub fn checked_wait(&self) -> Result<std::time::Duration, Problem> {
+        if self.ids.is_empty() || self.ids.len() > MAX_WAIT_IDS {
+            return Err(invalid_field(
+                "ids".into(),
+                format!("must name 1 to {MAX_WAIT_IDS} orders (it names {})", self.ids.len()),
+            ));
+        }
+        if self.wait_ms > MAX_WAIT_MS {
+            return Err(invalid_field("wait_ms".into(), format!("must be from 0 to {MAX_WAIT_MS}")));
+        }
+        Ok(std::time::Duration::from_millis(self.wait_ms))
+    }
+}
+
+/// The answer to `POST /v1/orders/wait`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitedOrders {
+    /// The named orders that are `confirmed` or `cancelled`.
+    pub orders: Vec<Order>,
+    /// The named ids with no order the caller may see (missing, not its own, or not an id).
+    pub not_found: Vec<String>,
+}
+
 /// A page of `GET /v1/orders`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -127,6 +127,7 @@ pub fn router(
 
     let v1 = Router::new()
         .route("/v1/orders", post(routes::orders::place_order).get(routes::orders::list_orders))
+        .route("/v1/orders/wait", post(routes::orders::wait_orders))
         .route("/v1/orders/{id}", get(routes::orders::get_order))
         .route("/v1/orders/{id}/cancel", post(routes::orders::cancel_order))
         .route("/v1/inventory/{sku}", get(routes::inventory::get_stock).put(routes::inventory::set_stock))

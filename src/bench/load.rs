@@ -72,6 +72,12 @@ struct Ctx {
     polling: Polling,
     /// Orders being followed to confirmation.
     tracked: Arc<Semaphore>,
+    /// Batched waits: per gateway, the accepted orders no waiter holds yet.
+    unwatched: Vec<Unwatched>,
+    /// `.../v1/orders/wait` of each gateway.
+    wait_urls: Vec<Url>,
+    /// `Bearer ...` of an admin, whose waits may name every customer's orders.
+    admin: HeaderValue,
     next_order: AtomicU64,
     /// End of the grace period: no polling after it.
     hard_deadline: Instant,
@@ -148,6 +154,13 @@ struct OrderView {
     status: OrderStatus,
 }
 
+/// Accepted orders waiting for a batched-wait waiter (of one gateway).
+#[derive(Default)]
+struct Unwatched {
+    orders: Mutex<Vec<(Accepted, OwnedSemaphorePermit)>>,
+    added: tokio::sync::Notify,
+}
+
 /// An order the gateway accepted.
 struct Accepted {
     id: String,
@@ -178,6 +191,12 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         .collect::<Result<Vec<_>, _>>()
         .context("a minted token is not a valid header value")?;
     let bodies = (0..plan.skus).map(|sku| order_body(sku, &plan.payment_token)).collect();
+    let wait_urls = plan
+        .targets
+        .iter()
+        .map(|target| target.join("v1/orders/wait"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot build the wait URL")?;
     let orders_urls = plan
         .targets
         .iter()
@@ -196,17 +215,27 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         in_flight: Arc::new(Semaphore::new(plan.max_in_flight as usize)),
         max_in_flight: plan.max_in_flight as usize,
         pollers: Semaphore::new(plan.pollers as usize),
-        polling: if plan.poll {
-            Polling::Intervals { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH }
-        } else {
-            // Within the request timeout, so the server's answer comes before the client gives up.
-            Polling::LongPoll { wait: LONG_POLL_WAIT.min(plan.timeout / 2) }
+        // Waits end within the request timeout, so the server's answer comes before the client
+        // gives up.
+        polling: match (plan.poll, plan.long_poll) {
+            (true, _) => Polling::Intervals { first: POLL_FIRST, max: POLL_MAX, growth: POLL_GROWTH },
+            (false, true) => Polling::LongPoll { wait: LONG_POLL_WAIT.min(plan.timeout / 2) },
+            (false, false) => Polling::Batched { wait: LONG_POLL_WAIT.min(plan.timeout / 2) },
         },
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
+        unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
+        wait_urls,
+        admin: HeaderValue::from_str(&format!("Bearer {admin_token}")).context("the admin token is not a header")?,
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
     });
     let progress = Progress::start(ctx.clone(), start, plan.duration);
+    let waiters: Vec<JoinHandle<()>> = match ctx.polling {
+        Polling::Batched { wait } => (0..plan.pollers as usize)
+            .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i % plan.targets.len(), wait)))
+            .collect(),
+        _ => Vec::new(),
+    };
 
     match plan.mode {
         Mode::Open { rate } => {
@@ -225,6 +254,9 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
     // none is missed here: every tracker ends confirmed, cancelled or out of time.
     wait_until_none(|| ctx.orders_tracked(), ctx.hard_deadline + FINAL_SLACK).await;
     let elapsed = start.elapsed();
+    for waiter in waiters {
+        waiter.abort();
+    }
     progress.finish().await;
 
     let cpu = match (cpu_before, cpu_time()) {
@@ -444,7 +476,7 @@ async fn open_loop(ctx: &Arc<Ctx>, schedule: Schedule, start: Instant) {
                     let slot = placed.as_ref().ok().and_then(|_| ctx.tracking_slot());
                     drop(permit);
                     if let (Ok(order), Some(slot)) = (placed, slot) {
-                        track(&ctx, order, slot).await;
+                        follow(&ctx, order, slot).await;
                     }
                 });
             }
@@ -464,8 +496,13 @@ async fn closed_loop_worker(ctx: Arc<Ctx>, end: Instant) {
         match place(&ctx, i, Instant::now()).await {
             Ok(order) => {
                 if let Some(slot) = ctx.tracking_slot() {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move { track(&ctx, order, slot).await });
+                    match ctx.polling {
+                        Polling::Batched { .. } => ctx.hand_to_waiters(order, slot),
+                        _ => {
+                            let ctx = ctx.clone();
+                            tokio::spawn(async move { track(&ctx, order, slot).await });
+                        }
+                    }
                 }
             }
             Err(Failure::Transport) => sleep(TRANSPORT_BACKOFF).await,
@@ -513,6 +550,115 @@ async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure
     Ok(Accepted { id: order.id, customer, gateway, at: answered })
 }
 
+/// Follows an accepted order to its end: hands it to the batched waiters, or follows it in
+/// this task.
+async fn follow(ctx: &Ctx, order: Accepted, slot: OwnedSemaphorePermit) {
+    match ctx.polling {
+        Polling::Batched { .. } => ctx.hand_to_waiters(order, slot),
+        _ => track(ctx, order, slot).await,
+    }
+}
+
+impl Ctx {
+    fn hand_to_waiters(&self, order: Accepted, slot: OwnedSemaphorePermit) {
+        let unwatched = &self.unwatched[order.gateway];
+        lock(&unwatched.orders).push((order, slot));
+        unwatched.added.notify_one();
+    }
+}
+
+/// The answer to `POST /v1/orders/wait` (fields the bench does not use are ignored).
+#[derive(Deserialize)]
+struct WaitedView {
+    orders: Vec<OrderView>,
+    not_found: Vec<String>,
+}
+
+/// Most orders one wait names (the server's bound).
+const MAX_WAIT_IDS: usize = 1000;
+
+/// One batched waiter of `gateway`: takes the orders no waiter holds, waits until one of them
+/// ends, counts those that ended and puts the rest back, until the grace period is over.
+async fn batched_waiter(ctx: Arc<Ctx>, gateway: usize, wait: Duration) {
+    let unwatched = &ctx.unwatched[gateway];
+    loop {
+        let batch: Vec<(Accepted, OwnedSemaphorePermit)> = {
+            let mut orders = lock(&unwatched.orders);
+            let keep = orders.len().saturating_sub(MAX_WAIT_IDS);
+            orders.split_off(keep)
+        };
+        if batch.is_empty() {
+            if timeout_at(ctx.hard_deadline, unwatched.added.notified()).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
+        let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
+        ctx.stats.polls.fetch_add(1, Relaxed);
+        let answer = wait_for_any(&ctx, &ctx.wait_urls[gateway], &body).await;
+        let mut open = Vec::new();
+        match answer {
+            Ok(waited) => {
+                let ended: std::collections::HashMap<&str, OrderStatus> =
+                    waited.orders.iter().map(|o| (o.id.as_str(), o.status)).collect();
+                for (order, slot) in batch {
+                    match ended.get(order.id.as_str()) {
+                        Some(OrderStatus::Confirmed) => {
+                            record(&ctx.stats.confirm, order.at.elapsed());
+                            ctx.stats.confirmed.fetch_add(1, Relaxed);
+                        }
+                        Some(OrderStatus::Cancelled) => {
+                            ctx.stats.cancelled.fetch_add(1, Relaxed);
+                        }
+                        _ if waited.not_found.contains(&order.id) => {
+                            count(&ctx.stats.poll_errors_by_status, StatusCode::NOT_FOUND);
+                        }
+                        _ => open.push((order, slot)),
+                    }
+                }
+            }
+            Err(status) => {
+                match status {
+                    Some(status) => count(&ctx.stats.poll_errors_by_status, status),
+                    None => {
+                        ctx.stats.poll_transport_errors.fetch_add(1, Relaxed);
+                    }
+                }
+                open = batch;
+                sleep(POLL_MAX).await; // no tight loop of errors
+            }
+        }
+        if !open.is_empty() {
+            lock(&unwatched.orders).extend(open);
+            unwatched.added.notify_one();
+        }
+    }
+}
+
+/// One `POST /v1/orders/wait`: the ended orders, or the error status (`None`: no HTTP answer or
+/// an unreadable one).
+async fn wait_for_any(ctx: &Ctx, url: &Url, body: &serde_json::Value) -> Result<WaitedView, Option<StatusCode>> {
+    let response = ctx
+        .client
+        .post(url.clone())
+        .header(AUTHORIZATION, ctx.admin.clone())
+        .json(body)
+        .send()
+        .await
+        .map_err(|_| None)?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|_| None)?;
+    if status != StatusCode::OK {
+        return Err(Some(status));
+    }
+    serde_json::from_slice(&bytes).map_err(|_| Some(status))
+}
+
 /// Follows an order until it is confirmed or cancelled, or the grace period is over (then it
 /// counts as unconfirmed): by long polls (`GET /v1/orders/{id}?wait_ms=`, each answered when
 /// the order ends or the wait runs out), or with `--poll` by plain polls (2 ms, then 1.5x
@@ -532,7 +678,8 @@ async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
                 sleep_until((Instant::now() + interval).min(ctx.hard_deadline)).await;
                 base.clone()
             }
-            Polling::LongPoll { wait } => {
+            // Batched orders are never tracked one by one (see `follow`).
+            Polling::LongPoll { wait } | Polling::Batched { wait } => {
                 let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
                 format!("{base}?wait_ms={}", wait.min(left).as_millis())
             }

@@ -15,12 +15,13 @@
 //!   off when the server slows.
 //!
 //! Two latencies per order: `POST /v1/orders` until its `202`, and that `202` until the
-//! order is `confirmed`, observed by a long poll, `GET /v1/orders/{id}?wait_ms=5000`, that
-//! the server answers when the order ends (one request per order, late by one response's
-//! trip). `--poll` observes it by plain polling instead (first after 2 ms, then 1.5x longer
-//! intervals up to 20 ms), as a client of a server without long polls would: an upper
-//! bound, late by up to one poll interval, and several requests per order. At most
-//! `--pollers` of either are in flight. After `--duration`, the run waits up to `--grace`
+//! order is `confirmed`, observed by batched waits, `POST /v1/orders/wait` naming up to 1000
+//! open orders, that the server answers as soon as one of them ends (late by one response's
+//! trip; one request for many orders). `--long-poll` follows each order with its own long
+//! poll, `GET /v1/orders/{id}?wait_ms=5000` (one request per order). `--poll` observes it by
+//! plain polling (first after 2 ms, then 1.5x longer intervals up to 20 ms), as a client of a
+//! server without long polls would: an upper bound, late by up to one poll interval, and
+//! several requests per order. At most `--pollers` of them are in flight. After `--duration`, the run waits up to `--grace`
 //! for outstanding confirmations; orders still not terminal then are `unconfirmed`.
 
 mod load;
@@ -79,13 +80,16 @@ pub struct BenchArgs {
     /// dropped and counted instead of queued.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_in_flight: u32,
-    /// Most status requests (GET /v1/orders/{id}) in flight at once [default: 1024 long polls,
+    /// Most status requests in flight at once [default: 8 batched waits, 1024 with --long-poll,
     /// 64 with --poll].
     #[arg(long, value_name = "N")]
     pollers: Option<u32>,
-    /// Observe confirmations by polling every few ms instead of one long poll per order.
-    #[arg(long)]
+    /// Observe confirmations by polling every few ms instead of batched waits.
+    #[arg(long, conflicts_with = "long_poll")]
     poll: bool,
+    /// Observe confirmations by one long poll per order instead of batched waits.
+    #[arg(long)]
+    long_poll: bool,
     /// After --duration, how long to wait for outstanding confirmations.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -125,8 +129,10 @@ pub struct Plan {
     pub skus: u32,
     pub max_in_flight: u32,
     pub pollers: u32,
-    /// Plain polling instead of long polls.
+    /// Plain polling instead of batched waits.
     pub poll: bool,
+    /// One long poll per order instead of batched waits.
+    pub long_poll: bool,
     pub grace: Duration,
     pub timeout: Duration,
     pub json: bool,
@@ -178,7 +184,11 @@ impl BenchArgs {
         if !(1..=MAX_SKUS).contains(&self.skus) {
             return Err(format!("--skus must be between 1 and {MAX_SKUS} (got {})", self.skus));
         }
-        let pollers = self.pollers.unwrap_or(if self.poll { 64 } else { 1024 });
+        let pollers = self.pollers.unwrap_or(match (self.poll, self.long_poll) {
+            (true, _) => 64,
+            (false, true) => 1024,
+            (false, false) => 8,
+        });
         if pollers == 0 {
             return Err("--pollers must be at least 1".into());
         }
@@ -197,6 +207,7 @@ impl BenchArgs {
             max_in_flight: self.max_in_flight,
             pollers,
             poll: self.poll,
+            long_poll: self.long_poll,
             grace: self.grace,
             timeout: self.timeout,
             json: self.json,
@@ -349,6 +360,17 @@ mod tests {
         let err = parse(&["--target", "http://h:1", "--grace", "1h"]).unwrap_err();
         assert!(err.contains("--grace"), "{err}");
         assert!(parse(&["--target", "http://h:1", "--grace", "0s"]).is_ok(), "no grace is allowed");
+    }
+
+    #[test]
+    fn confirmations_are_followed_by_batched_waits_unless_told_otherwise() {
+        let batched = parse(&["--target", "http://h:1"]).unwrap();
+        assert_eq!((batched.poll, batched.long_poll, batched.pollers), (false, false, 8));
+        let long = parse(&["--target", "http://h:1", "--long-poll"]).unwrap();
+        assert_eq!((long.poll, long.long_poll, long.pollers), (false, true, 1024));
+        let polls = parse(&["--target", "http://h:1", "--poll"]).unwrap();
+        assert_eq!((polls.poll, polls.pollers), (true, 64));
+        assert!(parse(&["--target", "http://h:1", "--poll", "--long-poll"]).is_err());
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum Polling {
     LongPoll { wait: Duration },
     /// Plain `GET`s, `first` after the 202, then `growth` times longer intervals up to `max`.
     Intervals { first: Duration, max: Duration, growth: f64 },
+    /// `POST /v1/orders/wait` for many orders at once, each answered when one of them ends (or
+    /// after `wait`); the ones still open are asked again.
+    Batched { wait: Duration },
 }
 
 /// Everything a run counted.
@@ -227,6 +230,13 @@ impl Summary {
                 wait.as_millis(),
                 self.pollers
             ),
+            Polling::Batched { wait } => format!(
+                "confirm latency is observed by batched waits (POST /v1/orders/wait naming up to 1000 open orders, \
+                 wait_ms={}, at most {} in flight), each answered when one of its orders ends: each figure is late \
+                 by one response's trip, plus the wait for a free waiter when every waiter holds orders that do not end",
+                wait.as_millis(),
+                self.pollers
+            ),
             Polling::Intervals { first, max, growth } => format!(
                 "confirm latency is observed by polling GET /v1/orders/{{id}} ({} ms after the 202, then x{growth} up \
                  to every {} ms, at most {} polls in flight): each figure is an upper bound, late by up to one poll \
@@ -264,7 +274,7 @@ impl Summary {
             notes.push("429s are per-subject rate limits: raise --customers to spread the load".into());
         }
         let coarse_after = match self.polling {
-            Polling::LongPoll { .. } => Duration::from_millis(5),
+            Polling::LongPoll { .. } | Polling::Batched { .. } => Duration::from_millis(5),
             Polling::Intervals { max, .. } => max,
         };
         if let Some(wait) = self.poll_wait
@@ -335,6 +345,10 @@ impl Summary {
         match self.polling {
             Polling::LongPoll { wait } => {
                 object.insert("confirm_by".into(), json!("long_poll"));
+                object.insert("long_poll_wait_ms".into(), json!(round3(wait.as_secs_f64() * 1000.0)));
+            }
+            Polling::Batched { wait } => {
+                object.insert("confirm_by".into(), json!("batched_wait"));
                 object.insert("long_poll_wait_ms".into(), json!(round3(wait.as_secs_f64() * 1000.0)));
             }
             Polling::Intervals { first, max, .. } => {
@@ -536,5 +550,18 @@ mod tests {
         let closed = summary(Mode::Closed { concurrency: 64 }).table();
         assert!(!closed.contains("behind schedule"), "{closed}");
         assert!(closed.contains("closed loop: a worker waits"), "{closed}");
+    }
+
+    #[test]
+    fn batched_waits_are_named_in_the_note_and_the_json() {
+        let mut s = summary(Mode::Closed { concurrency: 64 });
+        s.polling = Polling::Batched { wait: Duration::from_secs(5) };
+        s.pollers = 8;
+        let table = s.table();
+        assert!(table.contains("batched waits (POST /v1/orders/wait"), "{table}");
+        assert!(table.contains("wait_ms=5000, at most 8 in flight"), "{table}");
+        let json = s.json();
+        assert_eq!(json["confirm_by"], "batched_wait");
+        assert_eq!(json["long_poll_wait_ms"], 5000.0);
     }
 }

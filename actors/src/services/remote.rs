@@ -91,6 +91,8 @@ pub enum OrderRequest {
     PaymentSettled { order: OrderId, event_id: String, outcome: PaymentOutcome },
     /// -> `WireResult<Option<Order>>`, once the order is terminal or `wait_ms` has passed
     GetWhenTerminal { id: OrderId, requester: Requester, wait_ms: u64 },
+    /// -> `WireResult<Waited>`, once one of the orders is terminal or `wait_ms` has passed
+    WaitAnyTerminal { ids: Vec<OrderId>, requester: Requester, wait_ms: u64 },
 }
 
 /// Longest long poll a node serves for another (the gateway asks for less).
@@ -181,6 +183,10 @@ impl WireHandler for OrderWire {
                 OrderRequest::GetWhenTerminal { id, requester, wait_ms } => {
                     let wait = Duration::from_millis(wait_ms).min(MAX_REMOTE_WAIT);
                     answer(orders.get_when_terminal_local(id, &requester, wait).await)
+                }
+                OrderRequest::WaitAnyTerminal { ids, requester, wait_ms } => {
+                    let wait = Duration::from_millis(wait_ms).min(MAX_REMOTE_WAIT);
+                    answer(orders.wait_any_terminal_local(ids, &requester, wait).await)
                 }
             }
         })

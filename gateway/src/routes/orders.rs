@@ -15,7 +15,10 @@ use ordermesh_actors::domain::{CustomerId, OrderId};
 use ordermesh_actors::services::order::{ListQuery, Requester};
 
 use crate::AppState;
-use crate::api::{self, GetOrderParams, ListOrdersParams, OrderPage, PlaceOrderRequest, encode_page_token};
+use crate::api::{
+    self, GetOrderParams, ListOrdersParams, OrderPage, PlaceOrderRequest, WaitOrdersRequest, WaitedOrders,
+    encode_page_token,
+};
 use crate::auth::{Auth, Principal};
 use crate::openapi::ProblemDoc;
 use crate::problem::{JsonBody, Problem};
@@ -180,6 +183,54 @@ pub async fn get_order(
         orders.get_when_terminal(id, &requester, wait).await?
     };
     Ok(Json(api::Order::from(&order.ok_or_else(order_not_found)?)))
+}
+
+/// Wait for any of many orders to end (their owner or an admin).
+///
+/// Answers as soon as at least one named order is `confirmed` or `cancelled` (or names no
+/// order the caller may see), with the named orders found so (in a cluster, those of the
+/// nodes that answered first), or when the wait is over (then possibly with none). A client
+/// following many orders sends the ones still open again: one request for many orders
+/// instead of one long poll each.
+#[utoipa::path(
+    post,
+    path = "/v1/orders/wait",
+    tag = "orders",
+    request_body = WaitOrdersRequest,
+    responses(
+        (status = 200, description = "The named orders that ended, and the ids that name none", body = WaitedOrders),
+        (status = 400, description = "Not JSON, unknown field or wrong JSON type", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "No ids, more than 1000, or `wait_ms` out of range", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limit of this subject exceeded", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded, or the owner of a named order is unreachable; see `Retry-After`", body = ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn wait_orders(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    JsonBody(request): JsonBody<WaitOrdersRequest>,
+) -> Result<Json<WaitedOrders>, Problem> {
+    let wait = request.checked_wait()?.min(state.max_order_wait);
+    let requester = requester_of(&principal)?;
+    let mut not_found = Vec::new();
+    let mut ids = Vec::with_capacity(request.ids.len());
+    for raw in request.ids {
+        match OrderId::parse(&raw) {
+            Ok(id) => ids.push(id),
+            Err(_) => not_found.push(raw),
+        }
+    }
+    // An id that names nothing is news already: answer now.
+    let wait = if not_found.is_empty() { wait } else { std::time::Duration::ZERO };
+    let waited = if ids.is_empty() {
+        Default::default()
+    } else {
+        state.services.orders.wait_any_terminal(&ids, &requester, wait).await?
+    };
+    not_found.extend(waited.not_found.iter().map(ToString::to_string));
+    Ok(Json(WaitedOrders { orders: waited.terminal.iter().map(api::Order::from).collect(), not_found }))
 }
 
 /// List orders: a customer's own, or (admin) everyone's, optionally one customer's.

@@ -269,3 +269,71 @@ async fn a_long_poll_answers_when_the_order_ends_or_when_the_wait_is_over() {
     }
     app.get(&format!("/v1/orders/{id}?wait=1"), &alice).await.assert_problem(400);
 }
+
+#[tokio::test]
+async fn one_wait_follows_many_orders_to_their_end() {
+    let app = spawn_app().await;
+    app.set_stock("apple", 100, 50).await;
+    let alice = app.customer("alice");
+    let stuck = id_of(&app.place(&alice, &[("apple", 1)], "tok_timeout").await);
+    let mut open: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        open.push(id_of(&app.place(&alice, &[("apple", 1)], "tok_visa").await));
+    }
+
+    // Each answer carries the orders that ended; the client sends the rest again.
+    let mut confirmed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !open.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still open: {open:?}");
+        let mut ids = open.clone();
+        ids.push(stuck.clone());
+        let reply = app.post_json("/v1/orders/wait", &alice, &json!({"ids": ids, "wait_ms": 5000})).await;
+        let body = reply.expect(200);
+        assert_eq!(body["not_found"], json!([]));
+        for order in body["orders"].as_array().unwrap() {
+            assert_eq!(order["status"], "confirmed", "{order}");
+            let id = order["id"].as_str().unwrap().to_owned();
+            open.retain(|o| *o != id);
+            confirmed.push(id);
+        }
+    }
+    assert_eq!(confirmed.len(), 3);
+
+    // Nothing ends within the wait: an empty answer once it is over.
+    let started = std::time::Instant::now();
+    let reply = app.post_json("/v1/orders/wait", &alice, &json!({"ids": [stuck], "wait_ms": 300})).await;
+    assert_eq!(reply.expect(200), &json!({"orders": [], "not_found": []}));
+    assert!(started.elapsed() >= Duration::from_millis(300) && started.elapsed() < Duration::from_secs(3));
+
+    // Someone else's order, a missing one and a non-id are answered at once as not found,
+    // alongside the caller's ended orders.
+    let bob = app.customer("bob");
+    let missing = "0190a000-0000-7000-8000-000000000000";
+    let ids = json!([confirmed[0], missing, "not-an-id", stuck]);
+    let started = std::time::Instant::now();
+    let reply = app.post_json("/v1/orders/wait", &bob, &json!({"ids": ids, "wait_ms": 5000})).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let body = reply.expect(200);
+    assert_eq!(body["orders"], json!([]));
+    let mut not_found: Vec<&str> = body["not_found"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    not_found.sort_unstable();
+    let mut expected = vec![confirmed[0].as_str(), missing, "not-an-id", stuck.as_str()];
+    expected.sort_unstable();
+    assert_eq!(not_found, expected);
+    let admin = app.admin();
+    let reply = app.post_json("/v1/orders/wait", &admin, &json!({"ids": [confirmed[1]]})).await;
+    assert_eq!(reply.expect(200)["orders"][0]["id"], confirmed[1].as_str());
+
+    // Bad requests name the field.
+    let too_many: Vec<String> = (0..1001).map(|_| missing.to_owned()).collect();
+    for (body, field) in [
+        (json!({"ids": []}), "ids"),
+        (json!({"ids": too_many}), "ids"),
+        (json!({"ids": [stuck], "wait_ms": 60001}), "wait_ms"),
+    ] {
+        let reply = app.post_json("/v1/orders/wait", &alice, &body).await;
+        assert_eq!(reply.assert_problem(422)["field"], field, "{body}");
+    }
+    app.post_json("/v1/orders/wait", &alice, &json!({"ids": [stuck], "wait": 1})).await.assert_problem(400);
+}
