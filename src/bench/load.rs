@@ -76,8 +76,8 @@ struct Ctx {
     unwatched: Vec<Unwatched>,
     /// `.../v1/orders/wait` of each gateway.
     wait_urls: Vec<Url>,
-    /// `Bearer ...` of an admin, whose waits may name every customer's orders.
-    admin: HeaderValue,
+    /// `Bearer ...` of an admin per batched waiter (waits name every customer's orders).
+    watchers: Vec<HeaderValue>,
     next_order: AtomicU64,
     /// End of the grace period: no polling after it.
     hard_deadline: Instant,
@@ -177,7 +177,12 @@ enum Failure {
 }
 
 /// Runs the whole benchmark: check the target, seed, load, wait for confirmations.
-pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> anyhow::Result<Summary> {
+pub async fn run(
+    plan: &Plan,
+    admin_token: &str,
+    watcher_tokens: &[String],
+    customer_tokens: &[String],
+) -> anyhow::Result<Summary> {
     let client = client(plan)?;
     for target in &plan.targets {
         check_reachable(&client, target).await?;
@@ -225,14 +230,18 @@ pub async fn run(plan: &Plan, admin_token: &str, customer_tokens: &[String]) -> 
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
         wait_urls,
-        admin: HeaderValue::from_str(&format!("Bearer {admin_token}")).context("the admin token is not a header")?,
+        watchers: watcher_tokens
+            .iter()
+            .map(|token| HeaderValue::from_str(&format!("Bearer {token}")))
+            .collect::<Result<Vec<_>, _>>()
+            .context("a minted token is not a valid header value")?,
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
     });
     let progress = Progress::start(ctx.clone(), start, plan.duration);
     let waiters: Vec<JoinHandle<()>> = match ctx.polling {
         Polling::Batched { wait } => (0..plan.pollers as usize)
-            .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i % plan.targets.len(), wait)))
+            .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i, i % plan.targets.len(), wait)))
             .collect(),
         _ => Vec::new(),
     };
@@ -574,18 +583,20 @@ struct WaitedView {
     not_found: Vec<String>,
 }
 
-/// Most orders one wait names (the server's bound).
-const MAX_WAIT_IDS: usize = 1000;
+/// Most orders one wait names (the server takes 1,000): every answer sends the still-open ones
+/// again, so smaller batches over several waiters cost the server less than one large one.
+const MAX_WAIT_IDS: usize = 64;
 
 /// One batched waiter of `gateway`: takes the orders no waiter holds, waits until one of them
 /// ends, counts those that ended and puts the rest back, until the grace period is over.
-async fn batched_waiter(ctx: Arc<Ctx>, gateway: usize, wait: Duration) {
+async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Duration) {
     let unwatched = &ctx.unwatched[gateway];
     loop {
+        // The oldest first: taking the newest would leave the oldest waiting for a free waiter.
         let batch: Vec<(Accepted, OwnedSemaphorePermit)> = {
             let mut orders = lock(&unwatched.orders);
-            let keep = orders.len().saturating_sub(MAX_WAIT_IDS);
-            orders.split_off(keep)
+            let take = orders.len().min(MAX_WAIT_IDS);
+            orders.drain(..take).collect()
         };
         if batch.is_empty() {
             if timeout_at(ctx.hard_deadline, unwatched.added.notified()).await.is_err() {
@@ -600,7 +611,7 @@ async fn batched_waiter(ctx: Arc<Ctx>, gateway: usize, wait: Duration) {
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
         ctx.stats.polls.fetch_add(1, Relaxed);
-        let answer = wait_for_any(&ctx, &ctx.wait_urls[gateway], &body).await;
+        let answer = wait_for_any(&ctx, &ctx.wait_urls[gateway], &ctx.watchers[waiter], &body).await;
         let mut open = Vec::new();
         match answer {
             Ok(waited) => {
@@ -642,15 +653,14 @@ async fn batched_waiter(ctx: Arc<Ctx>, gateway: usize, wait: Duration) {
 
 /// One `POST /v1/orders/wait`: the ended orders, or the error status (`None`: no HTTP answer or
 /// an unreadable one).
-async fn wait_for_any(ctx: &Ctx, url: &Url, body: &serde_json::Value) -> Result<WaitedView, Option<StatusCode>> {
-    let response = ctx
-        .client
-        .post(url.clone())
-        .header(AUTHORIZATION, ctx.admin.clone())
-        .json(body)
-        .send()
-        .await
-        .map_err(|_| None)?;
+async fn wait_for_any(
+    ctx: &Ctx,
+    url: &Url,
+    token: &HeaderValue,
+    body: &serde_json::Value,
+) -> Result<WaitedView, Option<StatusCode>> {
+    let response =
+        ctx.client.post(url.clone()).header(AUTHORIZATION, token.clone()).json(body).send().await.map_err(|_| None)?;
     let status = response.status();
     let bytes = response.bytes().await.map_err(|_| None)?;
     if status != StatusCode::OK {

@@ -15,7 +15,7 @@
 //!   off when the server slows.
 //!
 //! Two latencies per order: `POST /v1/orders` until its `202`, and that `202` until the
-//! order is `confirmed`, observed by batched waits, `POST /v1/orders/wait` naming up to 1000
+//! order is `confirmed`, observed by batched waits, `POST /v1/orders/wait` naming up to 64
 //! open orders, that the server answers as soon as one of them ends (late by one response's
 //! trip; one request for many orders). `--long-poll` follows each order with its own long
 //! poll, `GET /v1/orders/{id}?wait_ms=5000` (one request per order). `--poll` observes it by
@@ -246,13 +246,18 @@ pub fn run(config_file: Option<&Path>, args: BenchArgs) -> anyhow::Result<ExitCo
     // Valid for the whole run whatever happens, not much longer.
     let ttl = plan.duration + plan.grace + Duration::from_secs(600);
     let admin = mint(&authenticator, "bench-admin", Role::Admin, ttl)?;
+    // Batched waits name many customers' orders, so they are an admin's; one subject per
+    // waiter, so the per-subject rate limit applies to each as to a customer.
+    let watchers = (0..plan.pollers)
+        .map(|i| mint(&authenticator, &format!("bench-watcher-{i}"), Role::Admin, ttl))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let customers = (0..plan.customers)
         .map(|i| mint(&authenticator, &format!("bench-customer-{i}"), Role::Customer, ttl))
         .collect::<anyhow::Result<Vec<_>>>()?;
     warn_if_few_file_descriptors(&plan);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
-    let summary = runtime.block_on(load::run(&plan, &admin, &customers))?;
+    let summary = runtime.block_on(load::run(&plan, &admin, &watchers, &customers))?;
     // Outstanding tasks (a poll past the grace period) are not waited for.
     runtime.shutdown_background();
 

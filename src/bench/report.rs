@@ -231,7 +231,7 @@ impl Summary {
                 self.pollers
             ),
             Polling::Batched { wait } => format!(
-                "confirm latency is observed by batched waits (POST /v1/orders/wait naming up to 1000 open orders, \
+                "confirm latency is observed by batched waits (POST /v1/orders/wait naming up to 64 open orders, \
                  wait_ms={}, at most {} in flight), each answered when one of its orders ends: each figure is late \
                  by one response's trip, plus the wait for a free waiter when every waiter holds orders that do not end",
                 wait.as_millis(),
