@@ -140,12 +140,16 @@ impl WorkLimits {
     }
 }
 
-/// A `GET` that asks to wait (a valid `wait_ms` other than 0): a long poll. Parsed as the
-/// handler parses it, so the two cannot disagree.
+/// A request that mostly waits: a `GET` asking to wait (a valid `wait_ms` other than 0,
+/// parsed as the handler parses it, so the two cannot disagree), or a batched wait
+/// (`POST /v1/orders/wait`).
 fn is_long_poll(request: &Request) -> bool {
-    request.method() == axum::http::Method::GET
-        && axum::extract::Query::<crate::api::GetOrderParams>::try_from_uri(request.uri())
-            .is_ok_and(|params| params.wait().is_ok_and(|wait| !wait.is_zero()))
+    match *request.method() {
+        axum::http::Method::GET => axum::extract::Query::<crate::api::GetOrderParams>::try_from_uri(request.uri())
+            .is_ok_and(|params| params.wait().is_ok_and(|wait| !wait.is_zero())),
+        axum::http::Method::POST => request.uri().path() == "/v1/orders/wait",
+        _ => false,
+    }
 }
 
 /// Middleware: sheds a request when `max_in_flight` are already running (503 +

@@ -157,7 +157,8 @@ struct OrderView {
 /// Accepted orders waiting for a batched-wait waiter (of one gateway).
 #[derive(Default)]
 struct Unwatched {
-    orders: Mutex<Vec<(Accepted, OwnedSemaphorePermit)>>,
+    /// Oldest first; orders a waiter brings back still open go to the front.
+    orders: Mutex<VecDeque<(Accepted, OwnedSemaphorePermit)>>,
     added: tokio::sync::Notify,
 }
 
@@ -240,7 +241,7 @@ pub async fn run(
     });
     let progress = Progress::start(ctx.clone(), start, plan.duration);
     let waiters: Vec<JoinHandle<()>> = match ctx.polling {
-        Polling::Batched { wait } => (0..plan.pollers as usize)
+        Polling::Batched { wait } => (0..watcher_tokens.len())
             .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i, i % plan.targets.len(), wait)))
             .collect(),
         _ => Vec::new(),
@@ -571,7 +572,7 @@ async fn follow(ctx: &Ctx, order: Accepted, slot: OwnedSemaphorePermit) {
 impl Ctx {
     fn hand_to_waiters(&self, order: Accepted, slot: OwnedSemaphorePermit) {
         let unwatched = &self.unwatched[order.gateway];
-        lock(&unwatched.orders).push((order, slot));
+        lock(&unwatched.orders).push_back((order, slot));
         unwatched.added.notify_one();
     }
 }
@@ -600,13 +601,13 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
         };
         if batch.is_empty() {
             if timeout_at(ctx.hard_deadline, unwatched.added.notified()).await.is_err() {
-                return;
+                break;
             }
             continue;
         }
         let left = ctx.hard_deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return;
+            break;
         }
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
@@ -645,10 +646,15 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
             }
         }
         if !open.is_empty() {
-            lock(&unwatched.orders).extend(open);
+            let mut orders = lock(&unwatched.orders);
+            for order in open.into_iter().rev() {
+                orders.push_front(order);
+            }
             unwatched.added.notify_one();
         }
     }
+    // Out of time: what is still unwatched gives back its tracking slot (unconfirmed).
+    lock(&unwatched.orders).clear();
 }
 
 /// One `POST /v1/orders/wait`: the ended orders, or the error status (`None`: no HTTP answer or

@@ -139,6 +139,14 @@ pub struct Plan {
     pub payment_token: String,
 }
 
+impl Plan {
+    /// Batched waiters: `--pollers`, but at least one per target; none with `--poll` or
+    /// `--long-poll`.
+    pub fn batched_waiters(&self) -> usize {
+        if self.poll || self.long_poll { 0 } else { (self.pollers as usize).max(self.targets.len()) }
+    }
+}
+
 impl BenchArgs {
     /// Checks every argument; the error names the flag.
     pub fn plan(&self) -> Result<Plan, String> {
@@ -248,7 +256,7 @@ pub fn run(config_file: Option<&Path>, args: BenchArgs) -> anyhow::Result<ExitCo
     let admin = mint(&authenticator, "bench-admin", Role::Admin, ttl)?;
     // Batched waits name many customers' orders, so they are an admin's; one subject per
     // waiter, so the per-subject rate limit applies to each as to a customer.
-    let watchers = (0..plan.pollers)
+    let watchers = (0..plan.batched_waiters())
         .map(|i| mint(&authenticator, &format!("bench-watcher-{i}"), Role::Admin, ttl))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let customers = (0..plan.customers)
@@ -376,6 +384,9 @@ mod tests {
         let polls = parse(&["--target", "http://h:1", "--poll"]).unwrap();
         assert_eq!((polls.poll, polls.pollers), (true, 64));
         assert!(parse(&["--target", "http://h:1", "--poll", "--long-poll"]).is_err());
+        assert_eq!((batched.batched_waiters(), long.batched_waiters(), polls.batched_waiters()), (8, 0, 0));
+        let few = parse(&["--target", "http://a:1,http://b:1,http://c:1", "--pollers", "2"]).unwrap();
+        assert_eq!(few.batched_waiters(), 3, "every gateway gets a waiter");
     }
 
     #[test]

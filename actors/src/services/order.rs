@@ -164,6 +164,9 @@ impl LiveOrders {
     }
 }
 
+/// Longest wait [`OrderService::wait_any_terminal`] asks of another node at once.
+const REMOTE_WAIT_SLICE: Duration = Duration::from_secs(1);
+
 /// What [`OrderService::wait_any_terminal`] found: the orders that are `confirmed` or
 /// `cancelled`, and the ids that do not exist (or are not the requester's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -187,6 +190,13 @@ struct NextChange {
 }
 
 impl NextChange {
+    /// Once the order changed (or passivated); never, if its entity is gone for good.
+    async fn happened(mut self) {
+        if let Some(change) = self.change.as_mut() {
+            let _ = change.await;
+        }
+    }
+
     /// True if the order changed (or passivated) before `until`.
     async fn before(mut self, until: tokio::time::Instant) -> bool {
         let Some(change) = self.change.as_mut() else { return false };
@@ -928,9 +938,9 @@ impl OrderService {
     /// exist for `requester`), then returns those that are so: one request for a client
     /// following many orders, where [`Self::get_when_terminal`] takes one per order (about
     /// 55 µs of server CPU each, BENCHMARKS.md). In a cluster each owner waits for its own ids
-    /// and the first owner's answer with news ends the wait (with what the owners that answered
-    /// so far found: the client asks again for the rest); an owner that is down fails it (503),
-    /// as a single read would.
+    /// (in slices of [`REMOTE_WAIT_SLICE`]) and the first owner's answer with news ends the wait
+    /// (with what the owners that answered so far found: the client asks again for the rest);
+    /// an owner that is down fails the whole wait (503) unless another has news.
     pub async fn wait_any_terminal(
         &self,
         ids: &[OrderId],
@@ -947,26 +957,46 @@ impl OrderService {
                 }
             }
         }
-        let mut waits: FuturesUnordered<BoxFuture<'_, Result<Waited, ServiceError>>> = FuturesUnordered::new();
-        if !local.is_empty() {
-            waits.push(Box::pin(self.wait_any_terminal_local(local, requester, wait)));
+        if remote.is_empty() {
+            return self.wait_any_terminal_local(local, requester, wait).await;
         }
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        for (router, ids) in remote.into_values() {
-            let request = OrderRequest::WaitAnyTerminal { ids, requester: requester.clone(), wait_ms };
-            let timeout = wait + self.settings.call_timeout;
-            waits.push(Box::pin(async move { call(&router, "order", &request, timeout).await }));
-        }
-        let mut found = Waited::default();
-        while let Some(waited) = waits.next().await {
-            let waited = waited?;
-            found.terminal.extend(waited.terminal);
-            found.not_found.extend(waited.not_found);
-            if !found.is_empty() {
-                break;
+        // Owners are asked in slices of at most a second: the first answer with news ends the
+        // wait, and the others' waits (which cannot be called off) end soon after.
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let slice = until.saturating_duration_since(tokio::time::Instant::now()).min(REMOTE_WAIT_SLICE);
+            let mut waits: FuturesUnordered<BoxFuture<'_, Result<Waited, ServiceError>>> = FuturesUnordered::new();
+            if !local.is_empty() {
+                waits.push(Box::pin(self.wait_any_terminal_local(local.clone(), requester, slice)));
+            }
+            let wait_ms = u64::try_from(slice.as_millis()).unwrap_or(u64::MAX);
+            for (router, ids) in remote.values() {
+                let request = OrderRequest::WaitAnyTerminal { ids: ids.clone(), requester: requester.clone(), wait_ms };
+                let timeout = slice + self.settings.call_timeout;
+                waits.push(Box::pin(async move { call(router, "order", &request, timeout).await }));
+            }
+            // An owner that fails fails the wait only if no other has news.
+            let mut found = Waited::default();
+            let mut failed = None;
+            while let Some(waited) = waits.next().await {
+                match waited {
+                    Ok(waited) => {
+                        found.terminal.extend(waited.terminal);
+                        found.not_found.extend(waited.not_found);
+                        if !found.is_empty() {
+                            return Ok(found);
+                        }
+                    }
+                    Err(err) => failed = Some(err),
+                }
+            }
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(found);
             }
         }
-        Ok(found)
     }
 
     pub(crate) async fn wait_any_terminal_local(
@@ -975,29 +1005,37 @@ impl OrderService {
         requester: &Requester,
         wait: Duration,
     ) -> Result<Waited, ServiceError> {
-        let until = tokio::time::Instant::now() + wait;
+        let mut ids = ids;
+        ids.sort_unstable();
+        ids.dedup(); // one registration per order, however often it is named
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
         // Registered before the first read, so no change between the two is missed.
-        let mut changes: FuturesUnordered<_> = ids.iter().map(|id| self.next_change_of(*id, until)).collect();
+        let mut changes: FuturesUnordered<_> = ids.iter().map(|id| self.next_change_of(*id)).collect();
         let mut found = self.terminal_among(&ids, requester)?;
         // A change of one order re-checks that order only: the others' registrations stay.
         while found.is_empty() {
-            match changes.next().await {
-                Some((id, true)) => {
-                    changes.push(self.next_change_of(id, until));
+            tokio::select! {
+                Some(id) = changes.next() => {
+                    changes.push(self.next_change_of(id));
                     if self.get_local(id, requester)?.is_none_or(|o| o.status.is_terminal()) {
                         found = self.terminal_among(&ids, requester)?;
                     }
                 }
-                Some((_, false)) | None => break, // the wait is over
+                // The wait is over: a last look, for a change that raced the deadline.
+                () = &mut deadline => return self.terminal_among(&ids, requester),
             }
         }
         Ok(found)
     }
 
-    /// The next change of `id` (true) or the end of the wait (false), with the id.
-    fn next_change_of(&self, id: OrderId, until: tokio::time::Instant) -> impl Future<Output = (OrderId, bool)> {
+    /// The id, once the order changes.
+    fn next_change_of(&self, id: OrderId) -> impl Future<Output = OrderId> {
         let change = self.live.changed(id);
-        async move { (id, change.before(until).await) }
+        async move {
+            change.happened().await;
+            id
+        }
     }
 
     /// Those of `ids` that are terminal, or that `requester` cannot see.

@@ -201,6 +201,8 @@ pub async fn get_order(
         (status = 200, description = "The named orders that ended, and the ids that name none", body = WaitedOrders),
         (status = 400, description = "Not JSON, unknown field or wrong JSON type", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No valid bearer token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the size limit (64 KiB by default, enough for 1000 ids)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Body not sent as `application/json`", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 422, description = "No ids, more than 1000, or `wait_ms` out of range", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 429, description = "Rate limit of this subject exceeded", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Overloaded, or the owner of a named order is unreachable; see `Retry-After`", body = ProblemDoc, content_type = "application/problem+json"),

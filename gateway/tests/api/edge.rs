@@ -200,5 +200,8 @@ async fn long_polls_have_their_own_bound_and_do_not_crowd_out_work() {
     app.place(&token, &[("apple", 1)], "tok_visa").await;
     assert_eq!(app.get(&format!("/v1/orders/{stuck}"), &token).await.status, 200);
     assert!(!waiting.is_finished(), "the first long poll was still waiting during the checks");
+    // A batched wait counts among the waiting too: shed while the long poll holds the slot.
+    let batched = app.post_json("/v1/orders/wait", &token, &json!({"ids": [stuck], "wait_ms": 1})).await;
+    assert!(batched.assert_problem(503)["detail"].as_str().unwrap().contains("in flight"));
     assert_eq!(waiting.await.unwrap(), 200);
 }

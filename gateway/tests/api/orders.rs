@@ -275,7 +275,6 @@ async fn one_wait_follows_many_orders_to_their_end() {
     let app = spawn_app().await;
     app.set_stock("apple", 100, 50).await;
     let alice = app.customer("alice");
-    let stuck = id_of(&app.place(&alice, &[("apple", 1)], "tok_timeout").await);
     let mut open: Vec<String> = Vec::new();
     for _ in 0..3 {
         open.push(id_of(&app.place(&alice, &[("apple", 1)], "tok_visa").await));
@@ -286,8 +285,9 @@ async fn one_wait_follows_many_orders_to_their_end() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !open.is_empty() {
         assert!(std::time::Instant::now() < deadline, "still open: {open:?}");
+        // Named twice: still one order.
         let mut ids = open.clone();
-        ids.push(stuck.clone());
+        ids.push(open[0].clone());
         let reply = app.post_json("/v1/orders/wait", &alice, &json!({"ids": ids, "wait_ms": 5000})).await;
         let body = reply.expect(200);
         assert_eq!(body["not_found"], json!([]));
@@ -299,8 +299,11 @@ async fn one_wait_follows_many_orders_to_their_end() {
         }
     }
     assert_eq!(confirmed.len(), 3);
+    assert_eq!(app.services().orders.orders_waited_on(), 0, "a finished wait leaves no registration");
 
-    // Nothing ends within the wait: an empty answer once it is over.
+    // Nothing ends within the wait (a payment that never answers; the tests' payment deadline
+    // is 2 s): an empty answer once it is over.
+    let stuck = id_of(&app.place(&alice, &[("apple", 1)], "tok_timeout").await);
     let started = std::time::Instant::now();
     let reply = app.post_json("/v1/orders/wait", &alice, &json!({"ids": [stuck], "wait_ms": 300})).await;
     assert_eq!(reply.expect(200), &json!({"orders": [], "not_found": []}));

@@ -20,7 +20,8 @@ use tokio::sync::Semaphore;
 /// another version with [`WireError::UnsupportedVersion`].
 /// 2: heartbeats carry the shard count.
 /// 3: payments follow the order placement (`ownership.rs`): nodes of version 2 would look for
-/// a payment elsewhere, so they must not join (their heartbeats are refused).
+/// a payment elsewhere, so they must not join (their heartbeats are refused); and the order
+/// service's batched wait (`OrderRequest::WaitAnyTerminal`).
 pub const WIRE_VERSION: u16 = 3;
 
 /// The one remotable message: an RPC of codec-encoded bytes.
