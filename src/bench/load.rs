@@ -191,24 +191,10 @@ pub async fn run(
     // Any gateway reaches every sku's owner.
     seed(&client, &plan.targets[0], admin_token, plan.skus).await?;
 
-    let tokens = customer_tokens
-        .iter()
-        .map(|token| HeaderValue::from_str(&format!("Bearer {token}")))
-        .collect::<Result<Vec<_>, _>>()
-        .context("a minted token is not a valid header value")?;
+    let tokens = bearers(customer_tokens)?;
     let bodies = (0..plan.skus).map(|sku| order_body(sku, &plan.payment_token)).collect();
-    let wait_urls = plan
-        .targets
-        .iter()
-        .map(|target| target.join("v1/orders/wait"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot build the wait URL")?;
-    let orders_urls = plan
-        .targets
-        .iter()
-        .map(|target| target.join("v1/orders"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot build the orders URL")?;
+    let wait_urls = join_each(&plan.targets, "v1/orders/wait")?;
+    let orders_urls = join_each(&plan.targets, "v1/orders")?;
     let cpu_before = cpu_time();
     let start = Instant::now();
     let end = start + plan.duration;
@@ -231,11 +217,7 @@ pub async fn run(
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
         wait_urls,
-        watchers: watcher_tokens
-            .iter()
-            .map(|token| HeaderValue::from_str(&format!("Bearer {token}")))
-            .collect::<Result<Vec<_>, _>>()
-            .context("a minted token is not a valid header value")?,
+        watchers: bearers(watcher_tokens)?,
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
     });
@@ -274,6 +256,20 @@ pub async fn run(
         _ => None,
     };
     Ok(summarize(plan, &ctx.stats, ctx.polling, elapsed, cpu))
+}
+
+/// `Bearer <token>` header values.
+fn bearers(tokens: &[String]) -> anyhow::Result<Vec<HeaderValue>> {
+    tokens
+        .iter()
+        .map(|token| HeaderValue::from_str(&format!("Bearer {token}")))
+        .collect::<Result<Vec<_>, _>>()
+        .context("a minted token is not a valid header value")
+}
+
+/// `path` under each target.
+fn join_each(targets: &[Url], path: &str) -> anyhow::Result<Vec<Url>> {
+    targets.iter().map(|target| target.join(path)).collect::<Result<Vec<_>, _>>().context("cannot build a request URL")
 }
 
 /// Waits until `outstanding()` is 0 or `deadline` passes.

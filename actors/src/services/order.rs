@@ -190,7 +190,7 @@ struct NextChange {
 }
 
 impl NextChange {
-    /// Once the order changed (or passivated); never, if its entity is gone for good.
+    /// Once the order changed (or passivated).
     async fn happened(mut self) {
         if let Some(change) = self.change.as_mut() {
             let _ = change.await;
@@ -1001,11 +1001,10 @@ impl OrderService {
 
     pub(crate) async fn wait_any_terminal_local(
         &self,
-        ids: Vec<OrderId>,
+        mut ids: Vec<OrderId>,
         requester: &Requester,
         wait: Duration,
     ) -> Result<Waited, ServiceError> {
-        let mut ids = ids;
         ids.sort_unstable();
         ids.dedup(); // one registration per order, however often it is named
         let deadline = tokio::time::sleep(wait);
