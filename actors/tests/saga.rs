@@ -186,6 +186,39 @@ async fn cancel_of_a_confirmed_order_refunds_and_returns_stock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_hold_outlives_the_items_snapshots_and_a_restart() {
+    // A snapshot at every event: the item's state never carries a settled order, only the
+    // record beside it does. After a restart, cancelling the confirmed order must still give
+    // its units back, and a late reserve for it must take nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { snapshot_every: 1, ..fast_settings() };
+    let provider = Arc::new(SimulatedProvider::new());
+    let services = Services::start(dir.path(), settings.clone(), provider.clone()).await.unwrap();
+    services.inventory.set_stock(&sku("pear"), 10, Money::from_cents(40)).await.unwrap();
+    let confirmed = services.orders.place(new_order("gus", &[("pear", 3)], "tok_visa"), None).await.unwrap().order.id;
+    let declined =
+        services.orders.place(new_order("gus", &[("pear", 2)], "tok_chargeDeclined"), None).await.unwrap().order.id;
+    let app = App { services, provider, _dir: dir };
+    assert_eq!(wait_terminal(&app, confirmed, Duration::from_secs(10)).await.status, OrderStatus::Confirmed);
+    assert_eq!(wait_terminal(&app, declined, Duration::from_secs(10)).await.status, OrderStatus::Cancelled);
+    assert_eq!(stock(&app, "pear").await, (7, 0));
+    let App { services, provider, _dir: dir } = app;
+    services.shutdown().await.unwrap();
+
+    let services = Services::start(dir.path(), settings, provider.clone()).await.unwrap();
+    let app = App { services, provider, _dir: dir };
+    let two = Quantity::new(2).unwrap();
+    let late = app.services.inventory.reserve(&sku("pear"), declined, two).await.unwrap();
+    assert!(late.is_err(), "a released order reserved again: {late:?}");
+    let gus = Requester::Customer(CustomerId::parse("gus").unwrap());
+    app.services.orders.cancel(confirmed, &gus).await.unwrap();
+    assert_eq!(stock(&app, "pear").await, (10, 0), "the confirmed order's units came back");
+    let late = app.services.inventory.reserve(&sku("pear"), confirmed, two).await.unwrap();
+    assert!(late.is_err(), "a cancelled order reserved again: {late:?}");
+    assert_eq!(stock(&app, "pear").await, (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_returns_the_first_order() {
     let app = Arc::new(start().await);
     app.services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();

@@ -6,6 +6,13 @@
 //! Every hold is keyed by order id, so reserve, release and commit are idempotent, and a
 //! release leaves a tombstone so that a late, duplicated reserve cannot take stock for an order
 //! that was already compensated.
+//!
+//! Only the holds of orders in flight live in the item. How a hold ended ([`Settled`]) is kept
+//! beside the item, one record per order (the service keeps them in its store's index), and
+//! handed to [`StockItem::decide`] when a command names an order the item holds nothing for.
+//! Why: an item serves every order that ever bought it; with all their holds in its state, its
+//! memory and every snapshot grew with its whole history (100,000 orders of one sku: megabytes
+//! re-encoded every thousand events).
 
 use super::types::{Money, OrderId, Quantity, Sku};
 use serde::{Deserialize, Serialize};
@@ -20,6 +27,13 @@ pub enum Hold {
     Released,
 }
 
+/// How an order's hold on an item ended: the record kept outside the item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Settled {
+    Committed(Quantity),
+    Released,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockItem {
     /// False until an admin first sets stock: orders for it end `unknown_sku`.
@@ -27,7 +41,10 @@ pub struct StockItem {
     pub price: Money,
     pub available: u64,
     pub reserved: u64,
-    pub holds: BTreeMap<OrderId, Hold>,
+    /// Units sold to orders that are (still) confirmed.
+    pub committed: u64,
+    /// The reservations of orders in flight; they sum to `reserved`.
+    pub reservations: BTreeMap<OrderId, Quantity>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,16 +105,46 @@ pub enum StockRejection {
     NotReserved,
 }
 
+impl StockEvent {
+    /// The record of how an order's hold ended, which this event writes beside the item.
+    pub fn settles(&self) -> Option<(OrderId, Settled)> {
+        match *self {
+            StockEvent::Committed { order, quantity } => Some((order, Settled::Committed(quantity))),
+            StockEvent::Released { order, .. } | StockEvent::Tombstoned { order } => Some((order, Settled::Released)),
+            StockEvent::StockSet { .. } | StockEvent::Reserved { .. } => None,
+        }
+    }
+}
+
 impl StockItem {
-    pub fn decide(&self, command: &StockCommand) -> Result<Vec<StockEvent>, StockRejection> {
+    /// The order whose [`Settled`] record `decide` needs for this command, if any: one the item
+    /// holds no reservation for.
+    pub fn needs_settled(&self, command: &StockCommand) -> Option<OrderId> {
+        match *command {
+            StockCommand::SetStock { .. } => None,
+            StockCommand::Reserve { order, .. } | StockCommand::Release { order } | StockCommand::Commit { order } => {
+                (self.known && !self.reservations.contains_key(&order)).then_some(order)
+            }
+        }
+    }
+
+    /// `settled`: the order's record from outside the item (see [`Self::needs_settled`]).
+    pub fn decide(&self, command: &StockCommand, settled: Option<Settled>) -> Result<Vec<StockEvent>, StockRejection> {
         use StockCommand::*;
+        let hold = |order: &OrderId| match self.reservations.get(order) {
+            Some(quantity) => Some(Hold::Reserved(*quantity)),
+            None => settled.map(|s| match s {
+                Settled::Committed(quantity) => Hold::Committed(quantity),
+                Settled::Released => Hold::Released,
+            }),
+        };
         Ok(match *command {
             SetStock { available, price } => vec![StockEvent::StockSet { available, price }],
             Reserve { order, quantity } => {
                 if !self.known {
                     return Err(StockRejection::UnknownSku);
                 }
-                match self.holds.get(&order) {
+                match hold(&order) {
                     Some(Hold::Reserved(_) | Hold::Committed(_)) => vec![],
                     Some(Hold::Released) => return Err(StockRejection::AlreadyReleased),
                     None if self.available < u64::from(quantity.get()) => {
@@ -109,18 +156,18 @@ impl StockItem {
             // Nothing can be held on an unknown sku; no tombstone either, so ordering random
             // skus cannot make the store grow.
             Release { .. } if !self.known => vec![],
-            Release { order } => match self.holds.get(&order) {
+            Release { order } => match hold(&order) {
                 Some(Hold::Reserved(quantity)) => {
-                    vec![StockEvent::Released { order, quantity: *quantity, was_committed: false }]
+                    vec![StockEvent::Released { order, quantity, was_committed: false }]
                 }
                 Some(Hold::Committed(quantity)) => {
-                    vec![StockEvent::Released { order, quantity: *quantity, was_committed: true }]
+                    vec![StockEvent::Released { order, quantity, was_committed: true }]
                 }
                 Some(Hold::Released) => vec![],
                 None => vec![StockEvent::Tombstoned { order }],
             },
-            Commit { order } => match self.holds.get(&order) {
-                Some(Hold::Reserved(quantity)) => vec![StockEvent::Committed { order, quantity: *quantity }],
+            Commit { order } => match hold(&order) {
+                Some(Hold::Reserved(quantity)) => vec![StockEvent::Committed { order, quantity }],
                 Some(Hold::Committed(_)) => vec![],
                 Some(Hold::Released) => return Err(StockRejection::AlreadyReleased),
                 None => return Err(StockRejection::NotReserved),
@@ -141,35 +188,26 @@ impl StockItem {
                 let units = u64::from(quantity.get());
                 self.available = self.available.saturating_sub(units);
                 self.reserved += units;
-                self.holds.insert(order, Hold::Reserved(quantity));
+                self.reservations.insert(order, quantity);
             }
             StockEvent::Released { order, quantity, was_committed } => {
                 let units = u64::from(quantity.get());
-                if !was_committed {
+                if was_committed {
+                    self.committed = self.committed.saturating_sub(units);
+                } else {
                     self.reserved = self.reserved.saturating_sub(units);
                 }
                 self.available += units;
-                self.holds.insert(order, Hold::Released);
+                self.reservations.remove(&order);
             }
-            StockEvent::Tombstoned { order } => {
-                self.holds.insert(order, Hold::Released);
-            }
+            StockEvent::Tombstoned { .. } => {}
             StockEvent::Committed { order, quantity } => {
-                self.reserved = self.reserved.saturating_sub(u64::from(quantity.get()));
-                self.holds.insert(order, Hold::Committed(quantity));
+                let units = u64::from(quantity.get());
+                self.reserved = self.reserved.saturating_sub(units);
+                self.committed += units;
+                self.reservations.remove(&order);
             }
         }
-    }
-
-    /// Units sold to orders that are (still) confirmed.
-    pub fn committed(&self) -> u64 {
-        self.holds
-            .values()
-            .map(|h| match h {
-                Hold::Committed(q) => u64::from(q.get()),
-                _ => 0,
-            })
-            .sum()
     }
 
     pub fn sku_view(&self, sku: &Sku) -> StockView {
@@ -191,12 +229,39 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(item: &mut StockItem, command: &StockCommand) -> Result<Vec<StockEvent>, StockRejection> {
-        let events = item.decide(command)?;
-        for e in &events {
-            item.apply(e);
+    /// An item with its settled records beside it, as the service keeps them.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    struct Kept {
+        item: StockItem,
+        settled: BTreeMap<OrderId, Settled>,
+    }
+
+    impl Kept {
+        fn decide(&self, command: &StockCommand) -> Result<Vec<StockEvent>, StockRejection> {
+            let settled = self.item.needs_settled(command).and_then(|order| self.settled.get(&order).copied());
+            self.item.decide(command, settled)
         }
-        Ok(events)
+
+        fn apply(&mut self, event: &StockEvent) {
+            self.item.apply(event);
+            if let Some((order, settled)) = event.settles() {
+                self.settled.insert(order, settled);
+            }
+        }
+
+        fn run(&mut self, command: &StockCommand) -> Result<Vec<StockEvent>, StockRejection> {
+            let events = self.decide(command)?;
+            for e in &events {
+                self.apply(e);
+            }
+            Ok(events)
+        }
+
+        fn set_stock(available: u64) -> Kept {
+            let mut kept = Kept::default();
+            kept.run(&StockCommand::SetStock { available, price: Money::from_cents(100) }).expect("set stock");
+            kept
+        }
     }
 
     fn command() -> impl Strategy<Value = StockCommand> {
@@ -210,46 +275,48 @@ mod tests {
     }
 
     proptest! {
-        /// Stock is conserved and never negative, no unit is reserved twice, and replaying the
-        /// events gives the same state.
+        /// Stock is conserved and never negative, no unit is reserved twice, the item holds only
+        /// the orders in flight, and replaying the events gives the same state.
         #[test]
         fn conserved_never_negative_and_replayable(
             initial in 0u64..100,
             commands in proptest::collection::vec(command(), 0..60),
         ) {
-            let mut item = StockItem::default();
+            let mut kept = Kept::set_stock(initial);
             let mut log = Vec::new();
-            log.extend(run(&mut item, &StockCommand::SetStock { available: initial, price: Money::from_cents(100) })
-                .expect("set stock always succeeds"));
             for c in &commands {
-                if let Ok(events) = run(&mut item, c) {
+                if let Ok(events) = kept.run(c) {
                     log.extend(events);
                 }
-                prop_assert_eq!(item.available + item.reserved + item.committed(), initial);
-                let held: u64 = item.holds.values().map(|h| match h {
-                    Hold::Reserved(q) => u64::from(q.get()),
-                    _ => 0,
-                }).sum();
+                let item = &kept.item;
+                prop_assert_eq!(item.available + item.reserved + item.committed, initial);
+                let held: u64 = item.reservations.values().map(|q| u64::from(q.get())).sum();
                 prop_assert_eq!(held, item.reserved, "every reserved unit belongs to exactly one order");
+                let sold: u64 = kept.settled.values().map(|s| match s {
+                    Settled::Committed(q) => u64::from(q.get()),
+                    Settled::Released => 0,
+                }).sum();
+                prop_assert_eq!(sold, item.committed, "committed units are those of the committed records");
+                prop_assert!(item.reservations.keys().all(|o| !kept.settled.contains_key(o)),
+                    "an order is either in flight or settled");
             }
-            let mut replayed = StockItem::default();
+            let mut replayed = Kept::set_stock(initial);
             for e in &log {
                 replayed.apply(e);
             }
-            prop_assert_eq!(replayed, item);
+            prop_assert_eq!(replayed, kept);
         }
 
         /// Repeating any command right after it changes nothing (idempotency).
         #[test]
         fn commands_are_idempotent(commands in proptest::collection::vec(command(), 0..40)) {
-            let mut item = StockItem::default();
-            run(&mut item, &StockCommand::SetStock { available: 50, price: Money::ZERO }).expect("set");
+            let mut kept = Kept::set_stock(50);
             for c in &commands {
-                if run(&mut item, c).is_ok() {
-                    let before = item.clone();
-                    let again = item.decide(c);
+                if kept.run(c).is_ok() {
+                    let before = kept.clone();
+                    let again = kept.decide(c);
                     prop_assert!(matches!(again, Ok(ref e) if e.is_empty()), "second {:?} gave {:?}", c, again);
-                    prop_assert_eq!(before, item.clone());
+                    prop_assert_eq!(before, kept.clone());
                 }
             }
         }
@@ -257,38 +324,57 @@ mod tests {
 
     #[test]
     fn unknown_sku_and_out_of_stock() {
-        let mut item = StockItem::default();
         let order = OrderId::from_u128(1);
         let two = Quantity::new(2).expect("valid");
-        assert_eq!(item.decide(&StockCommand::Reserve { order, quantity: two }), Err(StockRejection::UnknownSku));
-        run(&mut item, &StockCommand::SetStock { available: 1, price: Money::from_cents(5) }).expect("set");
+        let unknown = Kept::default();
+        assert_eq!(unknown.decide(&StockCommand::Reserve { order, quantity: two }), Err(StockRejection::UnknownSku));
+        let kept = Kept::set_stock(1);
         assert_eq!(
-            item.decide(&StockCommand::Reserve { order, quantity: two }),
+            kept.decide(&StockCommand::Reserve { order, quantity: two }),
             Err(StockRejection::OutOfStock { available: 1 })
         );
     }
 
     #[test]
     fn release_before_reserve_blocks_a_late_reserve() {
-        let mut item = StockItem::default();
+        let mut kept = Kept::set_stock(5);
         let order = OrderId::from_u128(1);
-        run(&mut item, &StockCommand::SetStock { available: 5, price: Money::ZERO }).expect("set");
-        run(&mut item, &StockCommand::Release { order }).expect("release");
+        kept.run(&StockCommand::Release { order }).expect("release");
         let one = Quantity::new(1).expect("valid");
-        assert_eq!(item.decide(&StockCommand::Reserve { order, quantity: one }), Err(StockRejection::AlreadyReleased));
-        assert_eq!(item.available, 5);
+        assert_eq!(kept.decide(&StockCommand::Reserve { order, quantity: one }), Err(StockRejection::AlreadyReleased));
+        assert_eq!(kept.item.available, 5);
     }
 
     #[test]
     fn releasing_a_committed_hold_returns_the_units() {
-        let mut item = StockItem::default();
+        let mut kept = Kept::set_stock(5);
         let order = OrderId::from_u128(1);
         let three = Quantity::new(3).expect("valid");
-        run(&mut item, &StockCommand::SetStock { available: 5, price: Money::ZERO }).expect("set");
-        run(&mut item, &StockCommand::Reserve { order, quantity: three }).expect("reserve");
-        run(&mut item, &StockCommand::Commit { order }).expect("commit");
-        assert_eq!((item.available, item.reserved, item.committed()), (2, 0, 3));
-        run(&mut item, &StockCommand::Release { order }).expect("release");
-        assert_eq!((item.available, item.reserved, item.committed()), (5, 0, 0));
+        kept.run(&StockCommand::Reserve { order, quantity: three }).expect("reserve");
+        kept.run(&StockCommand::Commit { order }).expect("commit");
+        let item = &kept.item;
+        assert_eq!((item.available, item.reserved, item.committed), (2, 0, 3));
+        kept.run(&StockCommand::Release { order }).expect("release");
+        let item = &kept.item;
+        assert_eq!((item.available, item.reserved, item.committed), (5, 0, 0));
+    }
+
+    #[test]
+    fn the_item_forgets_settled_orders() {
+        let mut kept = Kept::set_stock(1_000);
+        let one = Quantity::new(1).expect("valid");
+        for n in 0..500 {
+            let order = OrderId::from_u128(n);
+            kept.run(&StockCommand::Reserve { order, quantity: one }).expect("reserve");
+            let end = if n % 2 == 0 { StockCommand::Commit { order } } else { StockCommand::Release { order } };
+            kept.run(&end).expect("settle");
+        }
+        assert!(kept.item.reservations.is_empty(), "only orders in flight stay in the item");
+        assert_eq!(kept.settled.len(), 500);
+        // Without its record, a settled order would look new: the record is what refuses it.
+        let released = OrderId::from_u128(1);
+        let reserve = StockCommand::Reserve { order: released, quantity: one };
+        assert_eq!(kept.item.needs_settled(&reserve), Some(released));
+        assert_eq!(kept.decide(&reserve), Err(StockRejection::AlreadyReleased));
     }
 }

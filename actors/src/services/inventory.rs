@@ -6,10 +6,12 @@
 
 use super::Settings;
 use super::remote::{InventoryRequest, Placement, call, locate};
-use crate::domain::{Money, OrderId, Quantity, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView};
+use crate::domain::{
+    Money, OrderId, Quantity, Settled, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView,
+};
 use crate::error::ServiceError;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
-use ordermesh_storage::{Append, Snapshot, Store, WriteBatch, codec};
+use ordermesh_storage::{Append, KeyValue, Snapshot, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use std::sync::Arc;
 
@@ -64,7 +66,11 @@ impl Entity for StockEntity {
                 let _ = reply.send(self.item.known.then(|| self.item.sku_view(&self.sku)));
             }
             InventoryMsg::Execute { command, reply } => {
-                let events = match self.item.decide(&command) {
+                let settled = match self.item.needs_settled(&command) {
+                    Some(order) => read_settled(&ctx.deps().store, &self.sku, order)?,
+                    None => None,
+                };
+                let events = match self.item.decide(&command, settled) {
                     Ok(events) => events,
                     Err(rejection) => {
                         let _ = reply.send(Err(rejection));
@@ -87,15 +93,20 @@ impl StockEntity {
     async fn persist(&mut self, deps: &InventoryDeps, events: &[StockEvent]) -> Result<(), ActorProcessingErr> {
         let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
         let new_version = self.version + events.len() as u64;
+        let index_put = events
+            .iter()
+            .filter_map(StockEvent::settles)
+            .map(|(order, settled)| Ok((settled_key(&self.sku, order), codec::encode(&settled)?)))
+            .collect::<Result<Vec<KeyValue>, ActorProcessingErr>>()?;
         let mut batch = WriteBatch {
             appends: vec![Append { entity: self.sku.to_string(), expected_version: self.version, events: encoded }],
+            index_put,
             ..WriteBatch::default()
         };
         let since = self.events_since_snapshot + events.len() as u64;
         let snapshot_due = since >= deps.settings.snapshot_every;
         if snapshot_due {
-            // Only here the next state is needed before the commit: an item holds one entry per
-            // order it ever served, and cloning it on every reserve cost O(orders) per order.
+            // Only here the next state is needed before the commit: no clone per command.
             let mut next = self.item.clone();
             events.iter().for_each(|e| next.apply(e));
             let bytes = codec::encode(&StockSnapshot { item: next })?;
@@ -107,6 +118,19 @@ impl StockEntity {
         self.version = new_version;
         self.events_since_snapshot = if snapshot_due { 0 } else { since };
         Ok(())
+    }
+}
+
+/// The index key of how `order`'s hold on `sku` ended (see [`Settled`]): written with the event
+/// that settles it, read when a command names an order the item holds nothing for.
+fn settled_key(sku: &Sku, order: OrderId) -> Vec<u8> {
+    format!("settled/{sku}/{order}").into_bytes()
+}
+
+fn read_settled(store: &Store, sku: &Sku, order: OrderId) -> Result<Option<Settled>, ActorProcessingErr> {
+    match store.index_get(&settled_key(sku, order))? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
     }
 }
 
