@@ -65,6 +65,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// A write-ahead log segment this large checkpoints early.
 const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The largest scratch buffer for a round's log records the syncer keeps between rounds.
+const LOG_BATCH_KEPT: usize = 1024 * 1024;
+
 /// Most entity versions the committer keeps cached (about 100 bytes each).
 const VERSION_CACHE_MAX: usize = 100_000;
 
@@ -401,6 +404,8 @@ struct Syncer {
     fsync: bool,
     /// The write-ahead log: a round is durable once its records are appended and synced here.
     wal: Wal,
+    /// Where a round's records are put together for their one `write`.
+    log_batch: Vec<u8>,
     dir: PathBuf,
     checkpoints: Checkpoints,
     /// The commit-group count last written to the sentinel file, and when.
@@ -437,6 +442,7 @@ impl Syncer {
             commits: metrics::counter!("storage_commits_total", "store" => label.clone()),
             round_size: metrics::histogram!("storage_commit_group_size", "store" => label),
             wal,
+            log_batch: Vec::new(),
             shared,
             fsync,
             dir,
@@ -620,8 +626,10 @@ impl Syncer {
     /// Appends the round's records to the log, then the one fsync that acknowledges them all.
     fn log(&mut self, round: &[Applied]) -> Result<(), String> {
         let path = || self.dir.join(WAL_DIR).display().to_string();
-        for (_, record) in round.iter().filter_map(|w| w.logged.as_ref()) {
-            self.wal.append(record).map_err(|e| format!("write {}: {e}", path()))?;
+        let records = round.iter().filter_map(|w| w.logged.as_ref()).map(|(_, record)| record.as_slice());
+        self.wal.append(records, &mut self.log_batch).map_err(|e| format!("write {}: {e}", path()))?;
+        if self.log_batch.capacity() > LOG_BATCH_KEPT {
+            self.log_batch = Vec::new(); // after a burst of large records: don't keep megabytes
         }
         if !self.fsync {
             return Ok(());

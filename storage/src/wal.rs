@@ -110,10 +110,18 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends framed records (written, not yet synced).
-    pub(crate) fn append(&mut self, framed: &[u8]) -> io::Result<()> {
-        self.file.write_all(framed)?;
-        self.segment_bytes += framed.len() as u64;
+    /// Appends framed records (written, not yet synced) with one `write`: a round carries tens
+    /// of records, and one `write` each cost about 4% of `ordermesh dev`'s CPU under load.
+    /// `batch` is the caller's scratch buffer, kept between rounds.
+    pub(crate) fn append<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a [u8]>,
+        batch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        batch.clear();
+        records.into_iter().for_each(|framed| batch.extend_from_slice(framed));
+        self.file.write_all(batch)?;
+        self.segment_bytes += batch.len() as u64;
         Ok(())
     }
 
@@ -242,7 +250,7 @@ mod tests {
     fn write(dir: &Path, first: u64, seqs: impl IntoIterator<Item = u64>) -> PathBuf {
         let mut wal = Wal::start(dir, first).unwrap();
         for seq in seqs {
-            wal.append(&frame(&record(seq)).unwrap()).unwrap();
+            wal.append([frame(&record(seq)).unwrap().as_slice()], &mut Vec::new()).unwrap();
         }
         wal.sync().unwrap();
         dir.join(segment_name(first))
@@ -272,7 +280,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), 1, 1..=3);
         let mut wal = Wal::start(dir.path(), 4).unwrap();
-        wal.append(&frame(&record(4)).unwrap()).unwrap();
+        wal.append([frame(&record(4)).unwrap().as_slice()], &mut Vec::new()).unwrap();
         assert_eq!(replayed(dir.path(), 0).unwrap(), vec![1, 2, 3, 4]);
         delete_before(dir.path(), 4).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
