@@ -150,7 +150,8 @@ pub struct Config {
     pub idempotency_retention_hours: u64,
     /// While writers are concurrent, a store starts a log round (one fsync) at most once per
     /// this many microseconds: longer gathers more writes per fsync (less CPU per order, more
-    /// latency per step). A lone writer never waits. 0: a round as soon as the last ends.
+    /// latency per step). Twice this while the machine's cores are all busy. A lone writer
+    /// never waits. 0: a round as soon as the last ends.
     pub commit_interval_us: u64,
 
     /// Shared secret of the cluster transport; `node` refuses to start without it.

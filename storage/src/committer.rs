@@ -46,6 +46,7 @@ use tokio::sync::oneshot;
 
 use crate::checkpoint::{Checkpointer, Checkpoints};
 use crate::codec;
+use crate::cpu::CpuSaturation;
 use crate::error::StorageError;
 use crate::keys;
 use crate::store::{Committed, IdempotencyRecord, IdempotencyValue, Prepared, Shared, StoreOptions};
@@ -64,6 +65,11 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// A write-ahead log segment this large checkpoints early.
 const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How many times `min_round_interval` the syncer paces its rounds while the machine's cores
+/// are saturated (see `Syncer::pace`): measured in `ordermesh dev` under a closed loop of 64,
+/// 2 gave about 10% more orders per second, 3 no more than 2.
+const SATURATED_PACING: u32 = 2;
 
 /// The largest scratch buffer for a round's log records the syncer keeps between rounds.
 const LOG_BATCH_KEPT: usize = 1024 * 1024;
@@ -420,6 +426,7 @@ struct Syncer {
     /// When the last round started, and the least time between two starts (see `gather`).
     round_started: Instant,
     min_round_interval: Duration,
+    cpu: CpuSaturation,
     fsync_seconds: metrics::Histogram,
     commits: metrics::Counter,
     /// Writes made durable per round (per fsync).
@@ -454,6 +461,7 @@ impl Syncer {
             round_avg: Duration::ZERO,
             round_started: Instant::now(),
             min_round_interval,
+            cpu: CpuSaturation::new(),
         })
     }
 
@@ -509,8 +517,9 @@ impl Syncer {
     }
 
     /// While writers are concurrent (the last round carried more than one write), sleeps until
-    /// `min_round_interval` after the last round started; writes handed over meanwhile wait in
-    /// the channel for the next round.
+    /// `min_round_interval` after the last round started, twice that while the machine's cores
+    /// are saturated ([`CpuSaturation`]); writes handed over meanwhile wait in the channel for
+    /// the next round.
     ///
     /// Why: a round costs 50-80 µs of CPU however few writes it carries (the `fdatasync` alone
     /// is ~50 µs of kernel time here, plus the wake-ups), and with a fast disk (0.2 ms) and many
@@ -518,9 +527,11 @@ impl Syncer {
     /// of the machine. One round per millisecond per store at most costs each write half a
     /// millisecond on average. A sleep, not a wait on the channel: that would wake this thread
     /// for every write. A lone writer (one saga step after another on an idle node) never waits.
-    fn pace(&self) {
+    fn pace(&mut self) {
         if self.last_round > 1 {
-            let wait = self.min_round_interval.saturating_sub(self.round_started.elapsed());
+            let interval =
+                if self.cpu.saturated() { self.min_round_interval * SATURATED_PACING } else { self.min_round_interval };
+            let wait = interval.saturating_sub(self.round_started.elapsed());
             if !wait.is_zero() {
                 std::thread::sleep(wait);
             }

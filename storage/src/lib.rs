@@ -60,6 +60,7 @@ mod buffer;
 mod checkpoint;
 pub mod codec;
 mod committer;
+mod cpu;
 mod error;
 mod keys;
 mod store;

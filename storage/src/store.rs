@@ -48,8 +48,9 @@ pub struct StoreOptions {
     /// Least time between the starts of two log rounds (write + fsync) while writers are
     /// concurrent; a lone writer is never held back. Each round costs tens of microseconds of
     /// CPU whatever it carries, so under load fewer, fuller rounds leave more CPU for the work,
-    /// at the price of half this interval of latency per write on average. Zero: a round starts
-    /// as soon as the last one ends.
+    /// at the price of half this interval of latency per write on average. Twice this while the
+    /// machine's cores are all busy (then the CPU saved is worth more than the latency). Zero:
+    /// a round starts as soon as the last one ends.
     pub min_round_interval: Duration,
 }
 
