@@ -7,7 +7,9 @@ use ordermesh_actors::domain::{
 };
 use ordermesh_actors::provider::SimulatedProvider;
 use ordermesh_actors::services::order::{ListQuery, NewOrder, Requester};
+use ordermesh_actors::services::service_dir;
 use ordermesh_actors::{ServiceError, Services, Settings};
+use ordermesh_storage::{Append, Store, StoreOptions, WriteBatch};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -210,12 +212,38 @@ async fn a_settled_hold_outlives_the_items_snapshots_and_a_restart() {
     let two = Quantity::new(2).unwrap();
     let late = app.services.inventory.reserve(&sku("pear"), declined, two).await.unwrap();
     assert!(late.is_err(), "a released order reserved again: {late:?}");
+    let retried = app.services.inventory.commit(&sku("pear"), confirmed).await.unwrap();
+    assert!(retried.is_ok(), "a retried commit of a committed order must change nothing: {retried:?}");
+    assert_eq!(stock(&app, "pear").await, (7, 0));
     let gus = Requester::Customer(CustomerId::parse("gus").unwrap());
     app.services.orders.cancel(confirmed, &gus).await.unwrap();
     assert_eq!(stock(&app, "pear").await, (10, 0), "the confirmed order's units came back");
     let late = app.services.inventory.reserve(&sku("pear"), confirmed, two).await.unwrap();
     assert!(late.is_err(), "a cancelled order reserved again: {late:?}");
     assert_eq!(stock(&app, "pear").await, (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_store_of_the_older_stock_layout_is_refused() {
+    // Stock data without the layout record: what builds before settled records wrote.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(service_dir(dir.path(), "inventory"), StoreOptions::default()).unwrap();
+    let append = Append { entity: "pear".into(), expected_version: 0, events: vec![vec![1, 2, 3]] };
+    store.commit(WriteBatch { appends: vec![append], ..WriteBatch::default() }).await.unwrap();
+    store.close().unwrap();
+    drop(store);
+    let started = Services::start(dir.path(), fast_settings(), Arc::new(SimulatedProvider::new())).await;
+    let err = started.err().expect("an older store must be refused").to_string();
+    assert!(err.contains("older build") && err.contains("inventory"), "{err}");
+
+    // A new store gets the record, and starts again.
+    let fresh = tempfile::tempdir().unwrap();
+    let services = Services::start(fresh.path(), fast_settings(), Arc::new(SimulatedProvider::new())).await.unwrap();
+    services.inventory.set_stock(&sku("pear"), 1, Money::ZERO).await.unwrap();
+    services.shutdown().await.unwrap();
+    let services = Services::start(fresh.path(), fast_settings(), Arc::new(SimulatedProvider::new())).await.unwrap();
+    assert_eq!(services.inventory.get(&sku("pear")).await.unwrap().unwrap().available, 1);
+    services.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

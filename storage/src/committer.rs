@@ -529,8 +529,11 @@ impl Syncer {
     /// for every write. A lone writer (one saga step after another on an idle node) never waits.
     fn pace(&mut self) {
         if self.last_round > 1 {
-            let interval =
-                if self.cpu.saturated() { self.min_round_interval * SATURATED_PACING } else { self.min_round_interval };
+            let interval = if self.cpu.saturated() {
+                self.min_round_interval.saturating_mul(SATURATED_PACING)
+            } else {
+                self.min_round_interval
+            };
             let wait = interval.saturating_sub(self.round_started.elapsed());
             if !wait.is_zero() {
                 std::thread::sleep(wait);

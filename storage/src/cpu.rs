@@ -9,7 +9,10 @@
 //!
 //! The reading is the whole machine's (`/proc/stat`), not this process's: the nodes of a cluster
 //! on one machine, or a load generator beside the server, compete for the same cores. Where
-//! there is no `/proc/stat`, the machine never counts as saturated.
+//! there is no `/proc/stat`, the machine never counts as saturated. Not measured here: in a
+//! container with a CPU quota, the host's reading says nothing of the quota (a throttled pod
+//! does not look saturated, a busy neighbour makes an idle pod pace longer); the cgroup's
+//! `cpu.stat` throttling or `cpu.pressure` would be the reading there.
 
 use std::time::{Duration, Instant};
 

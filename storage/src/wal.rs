@@ -249,9 +249,13 @@ mod tests {
 
     fn write(dir: &Path, first: u64, seqs: impl IntoIterator<Item = u64>) -> PathBuf {
         let mut wal = Wal::start(dir, first).unwrap();
-        for seq in seqs {
-            wal.append([frame(&record(seq)).unwrap().as_slice()], &mut Vec::new()).unwrap();
+        // Rounds of up to three records through one reused buffer, as the syncer writes them.
+        let frames: Vec<Vec<u8>> = seqs.into_iter().map(|seq| frame(&record(seq)).unwrap()).collect();
+        let mut batch = Vec::new();
+        for round in frames.chunks(3) {
+            wal.append(round.iter().map(Vec::as_slice), &mut batch).unwrap();
         }
+        assert_eq!(wal.segment_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
         wal.sync().unwrap();
         dir.join(segment_name(first))
     }

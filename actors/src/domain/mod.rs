@@ -13,5 +13,5 @@ pub mod types;
 
 pub use order::{CancelReason, Order, OrderCommand, OrderEvent, OrderLine, OrderRejection, OrderStatus, SagaStep};
 pub use payment::{Payment, PaymentCommand, PaymentEvent, PaymentRejection, PaymentStatus, PaymentStep};
-pub use stock::{Hold, Settled, StockCommand, StockEvent, StockItem, StockRejection, StockView};
+pub use stock::{Settled, StockCommand, StockEvent, StockItem, StockRejection, StockView};
 pub use types::{CustomerId, InvalidValue, Money, OrderId, PaymentToken, Quantity, Sku, UnixMillis};

@@ -101,6 +101,8 @@ pub enum StartError {
     Store { service: &'static str, source: ordermesh_storage::StorageError },
     #[error("cannot start the {service} service: {reason}")]
     Actor { service: &'static str, reason: String },
+    #[error("cannot use the {service} store: {reason}")]
+    Layout { service: &'static str, reason: String },
     #[error("cannot resume unfinished work: {0}")]
     Recovery(ServiceError),
 }
@@ -233,6 +235,11 @@ impl Services {
         let actor_err =
             |service| move |e: ractor::ActorProcessingErr| StartError::Actor { service, reason: e.to_string() };
 
+        if let Some(store) = &inventory_store {
+            inventory::check_layout(store)
+                .await
+                .map_err(|reason| StartError::Layout { service: "inventory", reason })?;
+        }
         let inventory_router = match &inventory_store {
             Some(store) => Some(RouterHandle::new(
                 Router::<StockEntity>::start(
