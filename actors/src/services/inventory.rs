@@ -147,8 +147,9 @@ pub(crate) async fn check_layout(store: &Store) -> Result<(), String> {
             Ok(())
         }
         None => Err(format!(
-            "it was written by an older build (stock layout 1: every order's hold inside its item); \
-             this build reads layout {LAYOUT} and cannot migrate it: start with an empty data directory"
+            "{} was written by an older build (stock layout 1: every order's hold inside its item); \
+             this build reads layout {LAYOUT} and cannot migrate it: start with an empty data directory",
+            store.path().display()
         )),
     }
 }
