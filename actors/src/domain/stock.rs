@@ -118,34 +118,41 @@ impl StockEvent {
 }
 
 impl StockItem {
-    /// The order whose [`Settled`] record `decide` needs for this command, if any: one the item
-    /// holds no reservation for.
-    pub fn needs_settled(&self, command: &StockCommand) -> Option<OrderId> {
-        match *command {
+    /// Decides a command. `settled` looks up how an order's hold ended, from outside the item;
+    /// it is asked only for an order the item holds no reservation for (on a known item).
+    /// Its error, if any, is returned as it is; the inner result is the decision.
+    pub fn decide<E>(
+        &self,
+        command: &StockCommand,
+        settled: impl FnOnce(OrderId) -> Result<Option<Settled>, E>,
+    ) -> Result<Result<Vec<StockEvent>, StockRejection>, E> {
+        let order = match *command {
             StockCommand::SetStock { .. } => None,
             StockCommand::Reserve { order, .. } | StockCommand::Release { order } | StockCommand::Commit { order } => {
-                (self.known && !self.reservations.contains_key(&order)).then_some(order)
+                Some(order)
             }
-        }
-    }
-
-    /// `settled`: the order's record from outside the item (see [`Self::needs_settled`]).
-    pub fn decide(&self, command: &StockCommand, settled: Option<Settled>) -> Result<Vec<StockEvent>, StockRejection> {
-        use StockCommand::*;
-        let hold = |order: &OrderId| match self.reservations.get(order) {
-            Some(quantity) => Some(Hold::Reserved(*quantity)),
-            None => settled.map(|s| match s {
+        };
+        let hold = match order.map(|order| (order, self.reservations.get(&order))) {
+            Some((_, Some(quantity))) => Some(Hold::Reserved(*quantity)),
+            Some((order, None)) if self.known => settled(order)?.map(|s| match s {
                 Settled::Committed(quantity) => Hold::Committed(quantity),
                 Settled::Released => Hold::Released,
             }),
+            _ => None,
         };
+        Ok(self.decide_with(command, hold))
+    }
+
+    /// The decision, given what the command's order holds of this item.
+    fn decide_with(&self, command: &StockCommand, hold: Option<Hold>) -> Result<Vec<StockEvent>, StockRejection> {
+        use StockCommand::*;
         Ok(match *command {
             SetStock { available, price } => vec![StockEvent::StockSet { available, price }],
             Reserve { order, quantity } => {
                 if !self.known {
                     return Err(StockRejection::UnknownSku);
                 }
-                match hold(&order) {
+                match hold {
                     Some(Hold::Reserved(_) | Hold::Committed(_)) => vec![],
                     Some(Hold::Released) => return Err(StockRejection::AlreadyReleased),
                     None if self.available < u64::from(quantity.get()) => {
@@ -157,7 +164,7 @@ impl StockItem {
             // Nothing can be held on an unknown sku; no tombstone either, so ordering random
             // skus cannot make the store grow.
             Release { .. } if !self.known => vec![],
-            Release { order } => match hold(&order) {
+            Release { order } => match hold {
                 Some(Hold::Reserved(quantity)) => {
                     vec![StockEvent::Released { order, quantity, was_committed: false }]
                 }
@@ -167,7 +174,7 @@ impl StockItem {
                 Some(Hold::Released) => vec![],
                 None => vec![StockEvent::Tombstoned { order }],
             },
-            Commit { order } => match hold(&order) {
+            Commit { order } => match hold {
                 Some(Hold::Reserved(quantity)) => vec![StockEvent::Committed { order, quantity }],
                 Some(Hold::Committed(_)) => vec![],
                 Some(Hold::Released) => return Err(StockRejection::AlreadyReleased),
@@ -229,6 +236,7 @@ pub struct StockView {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::convert::Infallible;
 
     /// An item with its settled records beside it, as the service keeps them.
     #[derive(Debug, Clone, Default, PartialEq)]
@@ -239,8 +247,8 @@ mod tests {
 
     impl Kept {
         fn decide(&self, command: &StockCommand) -> Result<Vec<StockEvent>, StockRejection> {
-            let settled = self.item.needs_settled(command).and_then(|order| self.settled.get(&order).copied());
-            self.item.decide(command, settled)
+            let settled = |order| Ok::<_, Infallible>(self.settled.get(&order).copied());
+            self.item.decide(command, settled).unwrap_or_else(|never| match never {})
         }
 
         fn apply(&mut self, event: &StockEvent) {
@@ -375,7 +383,18 @@ mod tests {
         // Without its record, a settled order would look new: the record is what refuses it.
         let released = OrderId::from_u128(1);
         let reserve = StockCommand::Reserve { order: released, quantity: one };
-        assert_eq!(kept.item.needs_settled(&reserve), Some(released));
+        let mut asked = None;
+        let without = kept.item.decide(&reserve, |order| {
+            asked = Some(order);
+            Ok::<_, Infallible>(None)
+        });
+        assert_eq!(asked, Some(released));
+        assert_eq!(without, Ok(Ok(vec![StockEvent::Reserved { order: released, quantity: one }])));
         assert_eq!(kept.decide(&reserve), Err(StockRejection::AlreadyReleased));
+        // An order in flight is answered from the item: no lookup.
+        let in_flight = OrderId::from_u128(1_000);
+        kept.run(&StockCommand::Reserve { order: in_flight, quantity: one }).expect("reserve");
+        let decided = kept.item.decide(&StockCommand::Commit { order: in_flight }, |_| Err("looked up"));
+        assert_eq!(decided, Ok(Ok(vec![StockEvent::Committed { order: in_flight, quantity: one }])));
     }
 }

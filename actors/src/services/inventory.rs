@@ -66,11 +66,9 @@ impl Entity for StockEntity {
                 let _ = reply.send(self.item.known.then(|| self.item.sku_view(&self.sku)));
             }
             InventoryMsg::Execute { command, reply } => {
-                let settled = match self.item.needs_settled(&command) {
-                    Some(order) => read_settled(&ctx.deps().store, &self.sku, order)?,
-                    None => None,
-                };
-                let events = match self.item.decide(&command, settled) {
+                let store = &ctx.deps().store;
+                let decided = self.item.decide(&command, |order| read_settled(store, &self.sku, order))?;
+                let events = match decided {
                     Ok(events) => events,
                     Err(rejection) => {
                         let _ = reply.send(Err(rejection));
