@@ -46,7 +46,7 @@ use tokio::sync::oneshot;
 
 use crate::checkpoint::{Checkpointer, Checkpoints};
 use crate::codec;
-use crate::cpu::CpuSaturation;
+use crate::cpu;
 use crate::error::StorageError;
 use crate::keys;
 use crate::store::{Committed, IdempotencyRecord, IdempotencyValue, Prepared, Shared, StoreOptions};
@@ -426,7 +426,6 @@ struct Syncer {
     /// When the last round started, and the least time between two starts (see `gather`).
     round_started: Instant,
     min_round_interval: Duration,
-    cpu: CpuSaturation,
     fsync_seconds: metrics::Histogram,
     commits: metrics::Counter,
     /// Writes made durable per round (per fsync).
@@ -461,7 +460,6 @@ impl Syncer {
             round_avg: Duration::ZERO,
             round_started: Instant::now(),
             min_round_interval,
-            cpu: CpuSaturation::new(),
         })
     }
 
@@ -518,7 +516,7 @@ impl Syncer {
 
     /// While writers are concurrent (the last round carried more than one write), sleeps until
     /// `min_round_interval` after the last round started, twice that while the machine's cores
-    /// are saturated ([`CpuSaturation`]); writes handed over meanwhile wait in the channel for
+    /// are saturated ([`cpu::machine_saturated`]); writes handed over meanwhile wait in the channel for
     /// the next round.
     ///
     /// Why: a round costs 50-80 µs of CPU however few writes it carries (the `fdatasync` alone
@@ -527,9 +525,9 @@ impl Syncer {
     /// of the machine. One round per millisecond per store at most costs each write half a
     /// millisecond on average. A sleep, not a wait on the channel: that would wake this thread
     /// for every write. A lone writer (one saga step after another on an idle node) never waits.
-    fn pace(&mut self) {
+    fn pace(&self) {
         if self.last_round > 1 {
-            let interval = if self.cpu.saturated() {
+            let interval = if cpu::machine_saturated() {
                 self.min_round_interval.saturating_mul(SATURATED_PACING)
             } else {
                 self.min_round_interval

@@ -14,6 +14,8 @@
 //! does not look saturated, a busy neighbour makes an idle pod pace longer); the cgroup's
 //! `cpu.stat` throttling or `cpu.pressure` would be the reading there.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often the reading is refreshed.
@@ -28,20 +30,33 @@ const IDLE_UNSATURATED: f64 = 0.15;
 /// The machine's CPU time so far, in clock ticks: (idle, total).
 type Ticks = (u64, u64);
 
-/// A sampler of the machine's CPU saturation, owned by one thread.
-pub(crate) struct CpuSaturation {
+/// The process's one sampler (every store's syncer asks), and its last answer.
+static SAMPLER: LazyLock<Mutex<CpuSaturation>> = LazyLock::new(|| Mutex::new(CpuSaturation::new()));
+static SATURATED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the machine's cores were saturated over the last sample. Never blocks: while
+/// another thread refreshes the sample, the last answer stands.
+pub(crate) fn machine_saturated() -> bool {
+    if let Ok(mut sampler) = SAMPLER.try_lock() {
+        SATURATED.store(sampler.saturated(), Ordering::Relaxed);
+    }
+    SATURATED.load(Ordering::Relaxed)
+}
+
+/// A sampler of the machine's CPU saturation.
+struct CpuSaturation {
     last: Option<Ticks>,
     sampled_at: Instant,
     saturated: bool,
 }
 
 impl CpuSaturation {
-    pub(crate) fn new() -> CpuSaturation {
+    fn new() -> CpuSaturation {
         CpuSaturation { last: read_ticks(), sampled_at: Instant::now(), saturated: false }
     }
 
     /// Whether the cores were saturated over the last sample (refreshed when it is stale).
-    pub(crate) fn saturated(&mut self) -> bool {
+    fn saturated(&mut self) -> bool {
         if self.sampled_at.elapsed() >= SAMPLE_EVERY {
             self.sampled_at = Instant::now();
             let now = read_ticks();

@@ -35,6 +35,15 @@ pub enum Settled {
     Released,
 }
 
+impl From<Settled> for Hold {
+    fn from(settled: Settled) -> Hold {
+        match settled {
+            Settled::Committed(quantity) => Hold::Committed(quantity),
+            Settled::Released => Hold::Released,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockItem {
     /// False until an admin first sets stock: orders for it end `unknown_sku`.
@@ -106,6 +115,18 @@ pub enum StockRejection {
     NotReserved,
 }
 
+impl StockCommand {
+    /// The order the command is about, if any.
+    fn order(&self) -> Option<OrderId> {
+        match *self {
+            StockCommand::SetStock { .. } => None,
+            StockCommand::Reserve { order, .. } | StockCommand::Release { order } | StockCommand::Commit { order } => {
+                Some(order)
+            }
+        }
+    }
+}
+
 impl StockEvent {
     /// The record of how an order's hold ended, which this event writes beside the item.
     pub fn settles(&self) -> Option<(OrderId, Settled)> {
@@ -126,19 +147,13 @@ impl StockItem {
         command: &StockCommand,
         settled: impl FnOnce(OrderId) -> Result<Option<Settled>, E>,
     ) -> Result<Result<Vec<StockEvent>, StockRejection>, E> {
-        let order = match *command {
-            StockCommand::SetStock { .. } => None,
-            StockCommand::Reserve { order, .. } | StockCommand::Release { order } | StockCommand::Commit { order } => {
-                Some(order)
-            }
-        };
-        let hold = match order.map(|order| (order, self.reservations.get(&order))) {
-            Some((_, Some(quantity))) => Some(Hold::Reserved(*quantity)),
-            Some((order, None)) if self.known => settled(order)?.map(|s| match s {
-                Settled::Committed(quantity) => Hold::Committed(quantity),
-                Settled::Released => Hold::Released,
-            }),
-            _ => None,
+        let hold = match command.order() {
+            None => None,
+            Some(order) => match self.reservations.get(&order) {
+                Some(quantity) => Some(Hold::Reserved(*quantity)),
+                None if self.known => settled(order)?.map(Hold::from),
+                None => None,
+            },
         };
         Ok(self.decide_with(command, hold))
     }
