@@ -334,3 +334,91 @@ async fn waiting_for_outcomes_returns_each_at_its_end_and_leaves_no_waiter_behin
     assert!(orders.get_when_terminal(stuck, &bob, Duration::from_secs(5)).await.unwrap().is_none());
     assert_eq!(orders.orders_waited_on(), 0);
 }
+
+/// Integration events are delivered at least once, and there is no inbox of processed ids:
+/// each consumer's state must make a redelivery (or a late, contradicting event) a no-op.
+/// Written into the producers' outboxes, as a crash before the relay's acknowledgement leaves
+/// them, and delivered by the real relays after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_integration_events_change_nothing() {
+    use ordermesh_actors::services::events::{IntegrationEvent, PaymentOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(SimulatedProvider::new());
+    let services = Services::start(dir.path(), fast_settings(), provider.clone()).await.unwrap();
+    services.inventory.set_stock(&sku("fig"), 10, Money::from_cents(70)).await.unwrap();
+    let confirmed = services.orders.place(new_order("hal", &[("fig", 2)], "tok_visa"), None).await.unwrap().order.id;
+    let declined =
+        services.orders.place(new_order("hal", &[("fig", 1)], "tok_chargeDeclined"), None).await.unwrap().order.id;
+    let app = App { services, provider, _dir: dir };
+    let confirmed_order = wait_terminal(&app, confirmed, Duration::from_secs(10)).await;
+    let declined_order = wait_terminal(&app, declined, Duration::from_secs(10)).await;
+    assert_eq!((confirmed_order.status, declined_order.status), (OrderStatus::Confirmed, OrderStatus::Cancelled));
+    let payments_before = [confirmed, declined].map(|id| app.services.payments.get(id).unwrap().unwrap());
+    assert_eq!(app.provider.approved_charges(), 1);
+    let App { services, provider, _dir: dir } = app;
+    services.shutdown().await.unwrap();
+
+    let outbox = |service: &str, events: Vec<IntegrationEvent>| {
+        let store = Store::open(service_dir(dir.path(), service), StoreOptions::default()).unwrap();
+        let outbox = events.iter().map(|e| ordermesh_storage::codec::encode(e).unwrap()).collect();
+        (store, WriteBatch { outbox, ..WriteBatch::default() })
+    };
+    let request = |order: &Order| IntegrationEvent::PaymentRequested {
+        event_id: format!("{}/order/2", order.id),
+        order: order.id,
+        amount: order.total,
+        token: order.payment_token.clone(),
+        deadline_at: u64::MAX,
+    };
+    let (orders, batch) = outbox(
+        "order",
+        vec![
+            request(&confirmed_order),
+            request(&declined_order),
+            IntegrationEvent::PaymentCancelRequested { event_id: format!("{declined}/order/9"), order: declined },
+        ],
+    );
+    orders.commit(batch).await.unwrap();
+    orders.close().unwrap();
+    let settled =
+        |order, outcome| IntegrationEvent::PaymentSettled { event_id: format!("{order}/payment/2"), order, outcome };
+    let (payments, batch) = outbox(
+        "payment",
+        vec![
+            settled(confirmed, PaymentOutcome::Captured),
+            settled(confirmed, PaymentOutcome::Declined),
+            settled(declined, PaymentOutcome::Captured),
+        ],
+    );
+    payments.commit(batch).await.unwrap();
+    payments.close().unwrap();
+    drop((orders, payments));
+
+    let services = Services::start(dir.path(), fast_settings(), provider.clone()).await.unwrap();
+    let app = App { services, provider, _dir: dir };
+    // The relays start each outbox's entries in id order (up to `max_in_flight` at once), so
+    // by the time an order placed now is confirmed, the entries written above were handed
+    // over before both of its own (and each is a no-op of microseconds).
+    let later = app.services.orders.place(new_order("hal", &[("fig", 1)], "tok_visa"), None).await.unwrap().order.id;
+    assert_eq!(wait_terminal(&app, later, Duration::from_secs(10)).await.status, OrderStatus::Confirmed);
+    for (id, before) in [(confirmed, &confirmed_order), (declined, &declined_order)] {
+        let after = app.services.orders.get(id, &Requester::Admin).await.unwrap().unwrap();
+        assert_eq!((after.status, after.version), (before.status, before.version), "order {id} changed");
+    }
+    for before in &payments_before {
+        let after = app.services.payments.get(before.order).unwrap().unwrap();
+        assert_eq!(&after, before, "payment of {} changed", before.order);
+    }
+    assert_eq!(app.provider.approved_charges(), 2, "one charge each for the first and the later order");
+    assert_eq!(app.provider.refunds(), 0);
+    assert_eq!(stock(&app, "fig").await, (7, 0));
+
+    // Every entry written above was delivered and acknowledged (none is failing and retried).
+    let App { services, _dir: dir, .. } = app;
+    services.shutdown().await.unwrap();
+    for service in ["order", "payment"] {
+        let store = Store::open(service_dir(dir.path(), service), StoreOptions::default()).unwrap();
+        assert_eq!(store.outbox_pending(None, 16).unwrap().len(), 0, "{service} outbox not drained");
+        store.close().unwrap();
+    }
+}

@@ -26,7 +26,7 @@
 //! The syncer and the checkpointer are std threads, not tokio tasks, because all they do is
 //! block (fsync, sled writes) and they must not starve or be starved by async work.
 //!
-//! Because only the committer writes versions, inbox marks and idempotency claims, and one
+//! Because only the committer writes versions and idempotency claims, and one
 //! writer at a time, its checks cannot race with another writer, and it may cache entity
 //! versions. A write it applies may be visible to reads before its fsync returns; nobody is
 //! acknowledged, and no outbox entry handed out, before that. If a log write, fsync or
@@ -273,13 +273,6 @@ impl Committer {
                 });
             }
         }
-        for (i, (id, key)) in batch.inbox.iter().enumerate() {
-            let seen = batch.inbox[..i].iter().any(|(_, k)| k == key)
-                || self.shared.get(&self.db, key).map_err(|e| self.shared.sled_error("read inbox", e))?.is_some();
-            if seen {
-                return Err(StorageError::Duplicate { id: id.clone() });
-            }
-        }
         for (i, claim) in batch.idempotency.iter().enumerate() {
             let existing = match batch.idempotency[..i].iter().find(|c| c.key == claim.key) {
                 Some(earlier) => Some(earlier.record.clone()),
@@ -312,9 +305,6 @@ impl Committer {
             self.next_outbox += 1;
             batch.push(Change::Put(keys::outbox_key(id).to_vec(), payload));
             outbox_ids.push(id);
-        }
-        for (_, key) in prepared.inbox {
-            batch.push(Change::Put(key, vec![]));
         }
         for claim in prepared.idempotency {
             batch.push(Change::Put(claim.key, claim.value));
@@ -762,12 +752,12 @@ mod tests {
         let chained = commit(&store, append("order-1", 1, &[b"c2", b"c3"])).unwrap();
         assert_eq!(chained.versions, vec![("order-1".to_owned(), 3)]);
         let mut with_claims = append("order-2", 0, &[b"d1"]);
-        with_claims.inbox = vec!["m1".to_owned()];
         with_claims.idempotency = vec![claim("k1", b"first")];
         assert_eq!(commit(&store, with_claims).unwrap().versions, vec![("order-2".to_owned(), 1)]);
-        let mut dup_inbox = append("order-3", 0, &[b"e1"]);
-        dup_inbox.inbox = vec!["m1".to_owned()];
-        assert!(matches!(commit(&store, dup_inbox).unwrap_err(), StorageError::Duplicate { id } if id == "m1"));
+        // A batch with a taken claim writes nothing, not even its appends.
+        let mut with_taken = append("order-3", 0, &[b"e1"]);
+        with_taken.idempotency = vec![claim("k1", b"other")];
+        assert!(matches!(commit(&store, with_taken).unwrap_err(), StorageError::IdempotencyKeyTaken { .. }));
         let taken = WriteBatch { idempotency: vec![claim("k1", b"second")], ..WriteBatch::default() };
         match commit(&store, taken).unwrap_err() {
             StorageError::IdempotencyKeyTaken { key, existing } => {

@@ -61,13 +61,6 @@ pub enum StorageError {
         actual: u64,
     },
 
-    /// An inbox message id was already marked processed (the message is a redelivery).
-    #[error("message {id} was already processed")]
-    Duplicate {
-        /// The message id.
-        id: String,
-    },
-
     /// An idempotency key was already claimed; `existing` is the winner's record, so the caller
     /// can answer with the original result.
     #[error("idempotency key {key} is already taken")]
@@ -102,15 +95,12 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// True for the errors that reject one write because of its content (conflict, duplicate,
+    /// True for the errors that reject one write because of its content (conflict,
     /// taken key, invalid key), as opposed to a failure of the store.
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            StorageError::Conflict { .. }
-                | StorageError::Duplicate { .. }
-                | StorageError::IdempotencyKeyTaken { .. }
-                | StorageError::InvalidKey { .. }
+            StorageError::Conflict { .. } | StorageError::IdempotencyKeyTaken { .. } | StorageError::InvalidKey { .. }
         )
     }
 }

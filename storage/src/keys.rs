@@ -10,7 +10,8 @@ use crate::error::StorageError;
 pub(crate) const EVENT: u8 = b'e';
 pub(crate) const SNAPSHOT: u8 = b's';
 pub(crate) const OUTBOX: u8 = b'o';
-pub(crate) const INBOX: u8 = b'i';
+// b'i' held inbox marks until consumers deduplicated by entity state; older stores may still
+// hold such keys (never read), so the tag is not reused.
 pub(crate) const IDEMPOTENCY: u8 = b'k';
 pub(crate) const INDEX: u8 = b'x';
 

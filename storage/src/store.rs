@@ -69,9 +69,6 @@ pub struct WriteBatch {
     pub snapshots: Vec<Snapshot>,
     /// New outbox payloads; the store gives each a monotonically increasing id.
     pub outbox: Vec<Vec<u8>>,
-    /// Message ids to mark processed. If one is already marked, the whole batch fails with
-    /// [`StorageError::Duplicate`].
-    pub inbox: Vec<String>,
     /// Idempotency claims (insert if absent). If a key is taken, the whole batch fails with
     /// [`StorageError::IdempotencyKeyTaken`], carrying the existing record.
     pub idempotency: Vec<IdempotencyRecord>,
@@ -87,7 +84,6 @@ impl WriteBatch {
         self.appends.is_empty()
             && self.snapshots.is_empty()
             && self.outbox.is_empty()
-            && self.inbox.is_empty()
             && self.idempotency.is_empty()
             && self.index_put.is_empty()
             && self.index_delete.is_empty()
@@ -255,8 +251,6 @@ pub(crate) struct Prepared {
     /// (key, encoded SnapshotValue).
     pub(crate) snapshots: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) outbox: Vec<Vec<u8>>,
-    /// (message id, key).
-    pub(crate) inbox: Vec<(String, Vec<u8>)>,
     pub(crate) idempotency: Vec<PreparedClaim>,
     pub(crate) index_put: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) index_delete: Vec<Vec<u8>>,
@@ -305,12 +299,6 @@ impl Prepared {
             let value = encode_internal(&SnapshotValue { seq: snap.seq, bytes: snap.bytes }, "snapshot")?;
             snapshots.push((keys::tagged(keys::SNAPSHOT, snap.entity.as_bytes()), value));
         }
-        let mut inbox = Vec::with_capacity(batch.inbox.len());
-        for id in batch.inbox {
-            keys::check_name("inbox message id", &id)?;
-            let key = keys::tagged(keys::INBOX, id.as_bytes());
-            inbox.push((id, key));
-        }
         let mut idempotency = Vec::with_capacity(batch.idempotency.len());
         for record in batch.idempotency {
             keys::check_name("idempotency key", &record.key)?;
@@ -326,7 +314,7 @@ impl Prepared {
         }
         let index_put = batch.index_put.into_iter().map(|(k, v)| (keys::tagged(keys::INDEX, &k), v)).collect();
         let index_delete = batch.index_delete.into_iter().map(|k| keys::tagged(keys::INDEX, &k)).collect();
-        Ok(Prepared { appends, snapshots, outbox: batch.outbox, inbox, idempotency, index_put, index_delete })
+        Ok(Prepared { appends, snapshots, outbox: batch.outbox, idempotency, index_put, index_delete })
     }
 }
 
@@ -460,7 +448,7 @@ impl Handle {
     }
 }
 
-/// A durable store of one service: event log, snapshots, outbox, inbox, idempotency keys and a
+/// A durable store of one service: event log, snapshots, outbox, idempotency keys and a
 /// secondary index, in one sled database in its own directory. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct Store {
@@ -693,13 +681,6 @@ impl Store {
     /// waits misses nothing.
     pub fn outbox_notify(&self) -> Arc<Notify> {
         self.shared().notify.clone()
-    }
-
-    /// True if `message_id` was marked processed.
-    pub fn inbox_contains(&self, message_id: &str) -> Result<bool, StorageError> {
-        let shared = self.shared();
-        let key = keys::tagged(keys::INBOX, message_id.as_bytes());
-        shared.read(|db| Ok(shared.get(db, &key).map_err(|e| shared.sled_error("read inbox", e))?.is_some()))
     }
 
     /// The record of a claimed idempotency key.

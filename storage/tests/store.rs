@@ -414,7 +414,6 @@ async fn restart_keeps_everything_acknowledged() {
             let version = store.version(&entity).unwrap();
             let mut batch = append(&entity, version, vec![event(&entity, version + 1)]);
             batch.outbox = vec![format!("out-{i}").into_bytes()];
-            batch.inbox = vec![format!("msg-{i}")];
             batch.idempotency = vec![claim(&format!("idem-{i}"), b"resp", i)];
             batch.index_put = vec![(format!("by-status/open/{i:03}").into_bytes(), entity.clone().into_bytes())];
             batch.snapshots =
@@ -446,7 +445,6 @@ async fn restart_keeps_everything_acknowledged() {
     assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), outbox_ids);
     assert_eq!(pending[49].bytes, b"out-49");
     for i in 0..50u64 {
-        assert!(store.inbox_contains(&format!("msg-{i}")).unwrap());
         assert_eq!(store.idempotency_get(&format!("idem-{i}")).unwrap(), Some(claim(&format!("idem-{i}"), b"resp", i)));
     }
     assert_eq!(store.index_scan(b"by-status/open/", None, 1000).unwrap().len(), 50);
@@ -470,24 +468,6 @@ async fn restart_keeps_everything_acknowledged() {
 }
 
 // 5 -------------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn inbox_marks_a_message_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    assert!(!store.inbox_contains("m-1").unwrap());
-    let mut batch = append("inv-1", 0, vec![b"reserved".to_vec()]);
-    batch.inbox = vec!["m-1".to_owned()];
-    store.commit(batch).await.unwrap();
-    assert!(store.inbox_contains("m-1").unwrap());
-
-    // A redelivery: the whole batch (its events too) is rejected.
-    let mut again = append("inv-1", 1, vec![b"reserved again".to_vec()]);
-    again.inbox = vec!["m-1".to_owned()];
-    let err = store.commit(again).await.unwrap_err();
-    assert!(matches!(&err, StorageError::Duplicate { id } if id == "m-1"), "{err:?}");
-    assert_eq!(store.version("inv-1").unwrap(), 1);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_idempotency_claims_one_winner_others_see_its_record() {
@@ -684,7 +664,7 @@ async fn invalid_keys_are_rejected() {
         assert!(matches!(err, StorageError::InvalidKey { .. }), "{err:?}");
         assert!(matches!(store.read_events(entity, 0), Err(StorageError::InvalidKey { .. })));
     }
-    let batch = WriteBatch { inbox: vec![String::new()], ..WriteBatch::default() };
+    let batch = WriteBatch { idempotency: vec![claim("", b"resp", 0)], ..WriteBatch::default() };
     assert!(matches!(store.commit(batch).await, Err(StorageError::InvalidKey { .. })));
 }
 

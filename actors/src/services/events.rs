@@ -1,9 +1,11 @@
 //! Integration events: what one service tells another through its outbox.
 //!
 //! Each is written to the producer's outbox in the same atomic commit as the events that
-//! caused it, delivered at least once by the producer's relay, and deduplicated by the
-//! consumer on `event_id` (deterministic: `<order>/<service>/<seq of the causing event>`, so a
-//! re-run of the same step after a crash produces the same id).
+//! caused it, and delivered at least once by the producer's relay. Consumers need no inbox:
+//! each event names one entity (the order, or its payment) whose state already says whether
+//! the event was taken (a payment exists, a cancel was requested, the order no longer awaits
+//! payment), and that state changes in the same commit as the event's effects. `event_id`
+//! (deterministic: `<order>/<service>/<seq of the causing event>`) names a delivery in logs.
 
 use crate::domain::{Money, OrderId, PaymentToken, UnixMillis};
 use serde::{Deserialize, Serialize};

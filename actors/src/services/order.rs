@@ -332,7 +332,7 @@ impl OrderEntity {
         if order.status == OrderStatus::Cancelled {
             return Ok(order.clone());
         }
-        self.request_cancel(ctx, CancelReason::CustomerRequest, None).await.map_err(ServiceError::from)?;
+        self.request_cancel(ctx, CancelReason::CustomerRequest).await.map_err(ServiceError::from)?;
         // Finish the compensation now if inventory answers; otherwise it is retried and the
         // reply shows the order as it is (the cancellation itself is already durable).
         self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
@@ -347,9 +347,9 @@ impl OrderEntity {
     ) -> Result<(), ServiceError> {
         let deps = ctx.deps();
         let Some(order) = &self.order else { return Err(ServiceError::NotFound) };
-        if deps.store.inbox_contains(&event_id)? {
-            return Ok(());
-        }
+        // Redeliveries need no inbox: the first settlement to arrive ends the wait for payment
+        // (durably, in the same commit as its outcome), and a settlement that finds the order
+        // no longer waiting changes nothing.
         let awaiting = matches!(order.next_step(), SagaStep::AwaitPayment { .. });
         match outcome {
             PaymentOutcome::Captured if awaiting => {
@@ -363,15 +363,14 @@ impl OrderEntity {
                             Order::decide(paid.as_ref(), &OrderCommand::MarkConfirmed { now })
                                 .map_err(rejection_error)?,
                         );
-                        let batch = WriteBatch { inbox: vec![event_id], ..WriteBatch::default() };
-                        self.persist(deps, events, batch, vec![]).await?;
+                        self.persist(deps, events, WriteBatch::default(), vec![]).await?;
                         metrics::histogram!("saga_step_seconds", "step" => "confirm").record(started.elapsed());
                         self.record_outcome();
                     }
                     Err(rejection) => {
                         // The stock is gone (released by a race we lost): undo the payment.
-                        tracing::error!(order = %self.id, %rejection, "captured order lost its reservation");
-                        self.request_cancel(ctx, CancelReason::Timeout, Some(event_id)).await?;
+                        tracing::error!(order = %self.id, %event_id, %rejection, "captured order lost its reservation");
+                        self.request_cancel(ctx, CancelReason::Timeout).await?;
                         self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
                     }
                 }
@@ -381,7 +380,7 @@ impl OrderEntity {
                     PaymentOutcome::Declined => CancelReason::PaymentDeclined,
                     _ => CancelReason::PaymentFailed,
                 };
-                self.request_cancel(ctx, reason, Some(event_id)).await?;
+                self.request_cancel(ctx, reason).await?;
                 self.advance(ctx).await.map_err(|e| ServiceError::Storage(e.to_string()))?;
             }
             // Already cancelled or confirmed: the payment service was told (or needs nothing).
@@ -405,7 +404,7 @@ impl OrderEntity {
                 }
                 SagaStep::ReserveStock => {
                     if now_ms() >= order.deadline_at {
-                        self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+                        self.request_cancel(ctx, CancelReason::Timeout).await?;
                         continue;
                     }
                     self.for_each_line(deps, Stock::Reserve).await
@@ -437,7 +436,7 @@ impl OrderEntity {
                         StockRejection::UnknownSku => CancelReason::UnknownSku,
                         _ => CancelReason::OutOfStock,
                     };
-                    self.request_cancel(ctx, reason, None).await?;
+                    self.request_cancel(ctx, reason).await?;
                 }
                 (SagaStep::CommitStock, Ok(Ok(()))) => {
                     let events = self.decide(&OrderCommand::MarkConfirmed { now })?;
@@ -446,7 +445,7 @@ impl OrderEntity {
                 }
                 (SagaStep::CommitStock, Ok(Err(rejection))) => {
                     tracing::error!(order = %self.id, %rejection, "paid order lost its reservation");
-                    self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+                    self.request_cancel(ctx, CancelReason::Timeout).await?;
                 }
                 (SagaStep::ReleaseStock, Ok(_)) => {
                     let events = self.decide(&OrderCommand::MarkCancelled { now })?;
@@ -471,7 +470,7 @@ impl OrderEntity {
             return Ok(());
         }
         tracing::info!(order = %self.id, "saga deadline passed, cancelling");
-        self.request_cancel(ctx, CancelReason::Timeout, None).await?;
+        self.request_cancel(ctx, CancelReason::Timeout).await?;
         self.advance(ctx).await
     }
 
@@ -483,13 +482,8 @@ impl OrderEntity {
     }
 
     /// Makes a cancellation decision durable (with the payment's void/refund request when a
-    /// charge may exist, and the inbox mark of the message that caused it).
-    async fn request_cancel(
-        &mut self,
-        ctx: &EntityContext<Self>,
-        reason: CancelReason,
-        cause: Option<String>,
-    ) -> Result<(), PersistError> {
+    /// charge may exist).
+    async fn request_cancel(&mut self, ctx: &EntityContext<Self>, reason: CancelReason) -> Result<(), PersistError> {
         let Some(order) = &self.order else { return Ok(()) };
         let events = self.decide(&OrderCommand::RequestCancel { reason, now: now_ms() })?;
         let mut outbox = vec![];
@@ -501,8 +495,7 @@ impl OrderEntity {
                 order: self.id,
             });
         }
-        let batch = WriteBatch { inbox: cause.into_iter().collect(), ..WriteBatch::default() };
-        self.persist(ctx.deps(), events, batch, outbox).await
+        self.persist(ctx.deps(), events, WriteBatch::default(), outbox).await
     }
 
     /// Asks the payment service to charge, within the payment deadline from now.

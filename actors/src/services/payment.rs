@@ -124,18 +124,19 @@ impl Entity for PaymentEntity {
                 self.start_pending_work(ctx);
             }
             PaymentMsg::Cancel { event_id, reply } => {
-                let result = self.execute_once(deps, &event_id, PaymentCommand::Cancel { order: self.order }).await;
+                tracing::trace!(order = %self.order, %event_id, "payment cancel requested");
+                let result = self.execute(deps, &[PaymentCommand::Cancel { order: self.order }]).await;
                 let _ = reply.send(result);
                 self.start_pending_work(ctx);
             }
             PaymentMsg::ChargeFinished(result) => {
                 self.task = None;
-                self.execute(deps, &[result.into_command()], None).await?;
+                self.execute(deps, &[result.into_command()]).await?;
                 self.start_pending_work(ctx);
             }
             PaymentMsg::RefundFinished { refund_id } => {
                 self.task = None;
-                self.execute(deps, &[PaymentCommand::RecordRefunded { refund_id }], None).await?;
+                self.execute(deps, &[PaymentCommand::RecordRefunded { refund_id }]).await?;
                 metrics::counter!("payments_refunded_total").increment(1);
             }
             PaymentMsg::Resume => self.start_pending_work(ctx),
@@ -148,7 +149,9 @@ impl Entity for PaymentEntity {
 }
 
 impl PaymentEntity {
-    /// Takes the order's payment request (at most once: inbox dedup on `event_id`).
+    /// Takes the order's payment request. A redelivered request finds the payment and changes
+    /// nothing (`Payment::decide` answers a repeated command with no events), so no inbox is
+    /// needed; the same holds for a repeated cancel.
     ///
     /// A new payment is charged right away while the relay waits: when the provider decides
     /// within `payment_inline_wait`, the request and its outcome are committed together (one
@@ -168,16 +171,14 @@ impl PaymentEntity {
         let charge = ChargeRequest { idempotency_key: self.order.to_string(), amount, token: token.clone() };
         let command = PaymentCommand::Request { order: self.order, amount, token, deadline_at };
         if self.payment.is_some() {
-            return self.execute_once(deps, event_id, command).await;
+            tracing::debug!(order = %self.order, %event_id, "payment request redelivered");
+            return self.execute(deps, &[command]).await;
         }
-        // No payment yet, so no message for it was taken: its inbox mark would have been
-        // committed with its first event. No inbox read needed.
-        let inbox = Some(event_id.to_string());
         let mut charge = Box::pin(charge_until_deadline(deps.clone(), charge, deadline_at));
         match tokio::time::timeout(deps.settings.payment_inline_wait, charge.as_mut()).await {
-            Ok(result) => self.execute(deps, &[command, result.into_command()], inbox).await,
+            Ok(result) => self.execute(deps, &[command, result.into_command()]).await,
             Err(_still_charging) => {
-                self.execute(deps, &[command], inbox).await?;
+                self.execute(deps, &[command]).await?;
                 let mailbox = ctx.mailbox();
                 self.task = Some(tokio::spawn(async move { mailbox.send(PaymentMsg::ChargeFinished(charge.await)) }));
                 Ok(())
@@ -185,27 +186,9 @@ impl PaymentEntity {
         }
     }
 
-    /// Runs a command from another service's event at most once (inbox dedup on `event_id`).
-    async fn execute_once(
-        &mut self,
-        deps: &PaymentDeps,
-        event_id: &str,
-        command: PaymentCommand,
-    ) -> Result<(), ServiceError> {
-        if deps.store.inbox_contains(event_id)? {
-            return Ok(());
-        }
-        self.execute(deps, &[command], Some(event_id.to_string())).await
-    }
-
     /// Decides `commands` one after the other, persists their events in one commit (with the
     /// settlement event for the order when the charge is final) and applies them.
-    async fn execute(
-        &mut self,
-        deps: &PaymentDeps,
-        commands: &[PaymentCommand],
-        inbox: Option<String>,
-    ) -> Result<(), ServiceError> {
+    async fn execute(&mut self, deps: &PaymentDeps, commands: &[PaymentCommand]) -> Result<(), ServiceError> {
         let mut events = Vec::new();
         let mut after = self.payment.clone();
         for command in commands {
@@ -213,11 +196,11 @@ impl PaymentEntity {
             after = decided.iter().fold(after, Payment::apply);
             events.extend(decided);
         }
-        if events.is_empty() && inbox.is_none() {
+        if events.is_empty() {
             return Ok(());
         }
         let before_version = self.payment.as_ref().map_or(0, |p| p.version);
-        let mut batch = WriteBatch { inbox: inbox.into_iter().collect(), ..WriteBatch::default() };
+        let mut batch = WriteBatch::default();
         if !events.is_empty() {
             batch.appends.push(Append {
                 entity: self.order.to_string(),
