@@ -92,8 +92,8 @@ impl Checkpointer {
     /// every request waiting for a core behind it felt that in its latency.
     pub(crate) fn drain(&self) -> io::Result<()> {
         let table = self.shared.buffer.freeze();
-        self.write_to_sled(&table)?;
-        self.shared.buffer.release();
+        let written = self.write_to_sled(&table)?;
+        self.shared.buffer.release(&written);
         Ok(())
     }
 
@@ -105,7 +105,12 @@ impl Checkpointer {
     /// (an order's three saga steps, a stock item's reservations from many orders): a sled insert
     /// costs microseconds whatever it holds. Until the table is released, a reader may see both
     /// the table's records and the packed one; `read_events` skips the events it already has.
-    fn write_to_sled(&self, table: &Table) -> io::Result<()> {
+    ///
+    /// Returns the greatest key inserted per first byte (for [`WriteBuffer::release`]).
+    ///
+    /// [`WriteBuffer::release`]: crate::buffer::WriteBuffer::release
+    fn write_to_sled(&self, table: &Table) -> io::Result<Vec<Vec<u8>>> {
+        let mut greatest = Greatest::default();
         let mut entries = table.entries.iter().peekable();
         while let Some((key, value)) = entries.next() {
             let Some(value) = value else {
@@ -114,6 +119,7 @@ impl Checkpointer {
             };
             let Some(prefix) = keys::event_key_prefix(key) else {
                 self.db.insert(key.as_slice(), value.clone()).map_err(io::Error::from)?;
+                greatest.note(key);
                 continue;
             };
             let mut run = vec![(key.as_slice(), value.as_ref())];
@@ -124,23 +130,32 @@ impl Checkpointer {
                 run.push((next.as_slice(), next_value.as_ref()));
                 entries.next();
             }
-            self.write_events(prefix, &run).map_err(io::Error::from)?;
+            let last = self.write_events(prefix, &run).map_err(io::Error::from)?;
+            greatest.note(&last);
         }
         if table.last_seq > 0 {
             let seq = codec::encode(&table.last_seq)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             self.db.insert(keys::META_COMMIT_SEQ, seq).map_err(io::Error::from)?;
+            greatest.note(keys::META_COMMIT_SEQ);
         }
-        Ok(())
+        Ok(greatest.0)
     }
 
     /// Writes consecutive event records of one entity as one packed record when they hold
-    /// contiguous seqs and at most [`keys::MAX_PACKED`] events; otherwise as they are.
-    fn write_events(&self, prefix: &[u8], run: &[(&[u8], &[u8])]) -> sled::Result<()> {
+    /// contiguous seqs and at most [`keys::MAX_PACKED`] events; otherwise as they are. Returns
+    /// the greatest key written (a packed key sorts after the plain keys of its events).
+    fn write_events(&self, prefix: &[u8], run: &[(&[u8], &[u8])]) -> sled::Result<Vec<u8>> {
         let packed = (run.len() > 1).then(|| pack_run(prefix, run)).flatten();
         match packed {
-            Some((key, value)) => self.db.insert(key, value).map(drop),
-            None => run.iter().try_for_each(|(key, value)| self.db.insert(*key, *value).map(drop)),
+            Some((key, value)) => {
+                self.db.insert(key.as_slice(), value)?;
+                Ok(key)
+            }
+            None => {
+                run.iter().try_for_each(|(key, value)| self.db.insert(*key, *value).map(drop))?;
+                Ok(run.last().map_or_else(Vec::new, |(key, _)| key.to_vec()))
+            }
         }
     }
 
@@ -306,5 +321,23 @@ impl Checkpoints {
             self.inline = Some(checkpointer);
         }
         self.inline.as_deref_mut().ok_or_else(|| "no checkpointer".to_owned())
+    }
+}
+
+/// The greatest key written per first byte, in the order the tags were first seen.
+#[derive(Default)]
+struct Greatest(Vec<Vec<u8>>);
+
+impl Greatest {
+    fn note(&mut self, key: &[u8]) {
+        let Some(tag) = key.first() else { return };
+        match self.0.iter_mut().find(|k| k.first() == Some(tag)) {
+            Some(greatest) if key > greatest.as_slice() => {
+                greatest.clear();
+                greatest.extend_from_slice(key);
+            }
+            Some(_) => {}
+            None => self.0.push(key.to_vec()),
+        }
     }
 }

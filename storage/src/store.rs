@@ -384,7 +384,7 @@ impl Shared {
     pub(crate) fn get(&self, db: &sled::Db, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
         match self.buffer.get(key) {
             Found::Value(value) => Ok(Some(value)),
-            Found::Removed => Ok(None),
+            Found::Absent => Ok(None),
             Found::Unknown => db.get(key),
         }
     }
@@ -903,7 +903,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
         closed: AtomicBool::new(false),
         poisoned: OnceLock::new(),
         write_cost_ns: AtomicU64::new(0),
-        buffer: WriteBuffer::default(),
+        buffer: WriteBuffer::over(&db).map_err(|e| sled_open_error(&path, e))?,
     });
 
     // Creating the committer makes what recovery found (and the marker) durable before anything
