@@ -189,6 +189,33 @@ async fn cancel_of_a_confirmed_order_refunds_and_returns_stock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settled_hold_outlives_the_items_snapshots_and_a_restart() {
+    settled_holds_survive_a_restart(false).await;
+}
+
+/// A store whose settled records are keyed as stock layout 2 wrote them (sku first) is
+/// migrated at start, and every record still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_store_of_stock_layout_2_is_migrated() {
+    settled_holds_survive_a_restart(true).await;
+}
+
+/// Rewrites the inventory store's settled records and layout record as layout 2 had them.
+async fn downgrade_to_stock_layout_2(dir: &std::path::Path) {
+    let store = Store::open(service_dir(dir, "inventory"), StoreOptions::default()).unwrap();
+    let records = store.index_scan(b"settled:", None, 1000).unwrap();
+    assert!(!records.is_empty());
+    let mut batch = WriteBatch::default();
+    for (key, value) in records {
+        let (order, sku) = std::str::from_utf8(&key["settled:".len()..]).unwrap().split_once('/').unwrap();
+        batch.index_put.push((format!("settled/{sku}/{order}").into_bytes(), value));
+        batch.index_delete.push(key);
+    }
+    batch.index_put.push((b"layout/stock".to_vec(), ordermesh_storage::codec::encode(&2u32).unwrap()));
+    store.commit(batch).await.unwrap();
+    store.close().unwrap();
+}
+
+async fn settled_holds_survive_a_restart(from_layout_2: bool) {
     // A snapshot at every event: the item's state never carries a settled order, only the
     // record beside it does. After a restart, cancelling the confirmed order must still give
     // its units back, and a late reserve for it must take nothing.
@@ -206,6 +233,9 @@ async fn a_settled_hold_outlives_the_items_snapshots_and_a_restart() {
     assert_eq!(stock(&app, "pear").await, (7, 0));
     let App { services, provider, _dir: dir } = app;
     services.shutdown().await.unwrap();
+    if from_layout_2 {
+        downgrade_to_stock_layout_2(dir.path()).await;
+    }
 
     let services = Services::start(dir.path(), settings, provider.clone()).await.unwrap();
     let app = App { services, provider, _dir: dir };
@@ -221,6 +251,15 @@ async fn a_settled_hold_outlives_the_items_snapshots_and_a_restart() {
     let late = app.services.inventory.reserve(&sku("pear"), confirmed, two).await.unwrap();
     assert!(late.is_err(), "a cancelled order reserved again: {late:?}");
     assert_eq!(stock(&app, "pear").await, (10, 0));
+
+    let App { services, _dir: dir, .. } = app;
+    services.shutdown().await.unwrap();
+    let store = Store::open(service_dir(dir.path(), "inventory"), StoreOptions::default()).unwrap();
+    assert_eq!(store.index_scan(b"settled/", None, 10).unwrap(), vec![], "no record is left in the layout-2 form");
+    assert_eq!(store.index_scan(b"settled:", None, 10).unwrap().len(), 2);
+    let layout = store.index_get(b"layout/stock").unwrap().unwrap();
+    assert_eq!(ordermesh_storage::codec::decode::<u32>(&layout).unwrap(), 3);
+    store.close().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

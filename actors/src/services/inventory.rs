@@ -122,28 +122,29 @@ impl StockEntity {
 /// The index key recording the layout of this store's stock data.
 const LAYOUT_KEY: &[u8] = b"layout/stock";
 
-/// 2: items hold only their orders in flight, settled holds are `settled/` records beside them.
-/// (1, never recorded: every hold inside the item and its snapshots.)
-const LAYOUT: u32 = 2;
+/// 3: items hold only their orders in flight, settled holds are records beside them keyed
+/// order first (`settled:<order>/<sku>`).
+/// (2: the same records keyed `settled/<sku>/<order>`, migrated at start. 1, never recorded:
+/// every hold inside the item and its snapshots.)
+const LAYOUT: u32 = 3;
 
-/// At start: records the layout in a new store, refuses a store an older build wrote. Its
-/// items hold their settled orders inside them and no records beside them: read with this
-/// build, a confirmed order cancelled later would not give its units back. No migration
-/// exists yet (no store of that layout was ever deployed).
+/// Settled records of layout 2, rewritten at start.
+const LAYOUT_2_SETTLED_PREFIX: &[u8] = b"settled/";
+
+/// At start: records the layout in a new store, migrates one of layout 2, refuses one of
+/// layout 1. Layout 1's items hold their settled orders inside them and no records beside
+/// them: read with this build, a confirmed order cancelled later would not give its units
+/// back, and no migration exists (no store of that layout was ever deployed).
 pub(crate) async fn check_layout(store: &Store) -> Result<(), String> {
     let found = store.index_get(LAYOUT_KEY).map_err(|e| e.to_string())?;
     match found {
         Some(bytes) => match codec::decode::<u32>(&bytes) {
             Ok(LAYOUT) => Ok(()),
+            Ok(2) => migrate_settled_keys(store).await,
             Ok(other) => Err(format!("its stock layout is {other}; this build reads layout {LAYOUT}")),
             Err(e) => Err(format!("its stock layout record is unreadable: {e}")),
         },
-        None if store.entities_after(None, 1).map_err(|e| e.to_string())?.is_empty() => {
-            let value = codec::encode(&LAYOUT).map_err(|e| e.to_string())?;
-            let batch = WriteBatch { index_put: vec![(LAYOUT_KEY.to_vec(), value)], ..WriteBatch::default() };
-            store.commit(batch).await.map_err(|e| e.to_string())?;
-            Ok(())
-        }
+        None if store.entities_after(None, 1).map_err(|e| e.to_string())?.is_empty() => record_layout(store).await,
         None => Err(format!(
             "{} was written by an older build (stock layout 1: every order's hold inside its item); \
              this build reads layout {LAYOUT} and cannot migrate it: start with an empty data directory",
@@ -152,10 +153,49 @@ pub(crate) async fn check_layout(store: &Store) -> Result<(), String> {
     }
 }
 
+async fn record_layout(store: &Store) -> Result<(), String> {
+    let value = codec::encode(&LAYOUT).map_err(|e| e.to_string())?;
+    let batch = WriteBatch { index_put: vec![(LAYOUT_KEY.to_vec(), value)], ..WriteBatch::default() };
+    store.commit(batch).await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Layout 2 to 3: every settled record under its order-first key, a page per commit, then the
+/// layout. A crash in the middle leaves layout 2 and the records not yet moved, and the next
+/// start goes on from there.
+async fn migrate_settled_keys(store: &Store) -> Result<(), String> {
+    const PAGE: usize = 1024;
+    let mut moved = 0usize;
+    loop {
+        let page = store.index_scan(LAYOUT_2_SETTLED_PREFIX, None, PAGE).map_err(|e| e.to_string())?;
+        if page.is_empty() {
+            break;
+        }
+        let mut batch = WriteBatch::default();
+        for (old, value) in page {
+            let parsed = std::str::from_utf8(&old[LAYOUT_2_SETTLED_PREFIX.len()..])
+                .ok()
+                .and_then(|rest| rest.rsplit_once('/'))
+                .and_then(|(sku, order)| Some((Sku::parse(sku).ok()?, OrderId::parse(order).ok()?)));
+            let Some((sku, order)) = parsed else {
+                return Err(format!("settled record {} is not `settled/<sku>/<order>`", String::from_utf8_lossy(&old)));
+            };
+            batch.index_put.push((settled_key(&sku, order), value));
+            batch.index_delete.push(old);
+        }
+        moved += batch.index_delete.len();
+        store.commit(batch).await.map_err(|e| e.to_string())?;
+        tracing::info!(store = %store.path().display(), moved, "stock layout 2 to 3: settled records moved");
+    }
+    record_layout(store).await
+}
+
 /// The index key of how `order`'s hold on `sku` ended (see [`Settled`]): written with the event
-/// that settles it, read when a command names an order the item holds nothing for.
+/// that settles it, read when a command names an order the item holds nothing for. Order first:
+/// order ids are time-ordered, so the key of a new order's (absent) record lies above every key
+/// the store's sled holds, and the store answers the lookup without a walk down sled's tree
+/// (2.3% of `dev`'s CPU under load while keyed sku first).
 fn settled_key(sku: &Sku, order: OrderId) -> Vec<u8> {
-    format!("settled/{sku}/{order}").into_bytes()
+    format!("settled:{order}/{sku}").into_bytes()
 }
 
 fn read_settled(store: &Store, sku: &Sku, order: OrderId) -> Result<Option<Settled>, ActorProcessingErr> {
