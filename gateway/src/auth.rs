@@ -17,7 +17,8 @@
 //! - **Verified once per token text.** A client sends the same token with every request; the
 //!   principal of a token that passed every check is kept (by the token's exact bytes, so
 //!   nothing unverified can match it) and its `exp` and `nbf` are checked again on each use.
-//!   Only tokens that verified enter, so garbage cannot push real ones out. The signature check
+//!   Only tokens that verified enter, so garbage cannot push real ones out, and the cache holds
+//!   at most 8 MiB of them (weighed by their size). The signature check
 //!   and JSON parsing were 2-3% of `ordermesh dev`'s CPU under load with HS256 (an RS256
 //!   verification costs several times more).
 //!
@@ -46,8 +47,11 @@ use crate::problem::Problem;
 /// bound keeps a forged-but-signed token from planting megabyte keys.
 const MAX_SUBJECT_BYTES: usize = 256;
 
-/// Verified tokens kept (a few hundred bytes each).
-const VERIFIED_TOKENS_KEPT: usize = 16_384;
+/// Bytes of verified tokens kept (a token's text plus [`VERIFIED_ENTRY_BYTES`] each): 16,384
+/// tokens of the usual few hundred bytes; fewer when they are large.
+const VERIFIED_TOKENS_BYTES: u64 = 8 * 1024 * 1024;
+/// What a kept token costs besides its text (its principal and the cache's bookkeeping).
+const VERIFIED_ENTRY_BYTES: u64 = 128;
 
 /// Tokens are a few hundred bytes; refuse to base64-decode anything absurd.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -373,8 +377,28 @@ struct ReceivedClaims {
     sub: Option<String>,
     role: Option<String>,
     /// Checked by jsonwebtoken; kept to check again when the token is used again.
-    exp: Option<u64>,
-    nbf: Option<u64>,
+    exp: Option<NumericDate>,
+    nbf: Option<NumericDate>,
+}
+
+/// A JWT date as jsonwebtoken reads it: whole seconds, or fractional ones rounded (RFC 7519
+/// allows both).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumericDate {
+    Seconds(u64),
+    Fractional(f64),
+}
+
+impl NumericDate {
+    fn seconds(&self) -> Option<u64> {
+        match *self {
+            Self::Seconds(s) => Some(s),
+            // jsonwebtoken's own conversion (its validation's `visit_f64`).
+            Self::Fractional(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Some(f.round() as u64),
+            Self::Fractional(_) => None,
+        }
+    }
 }
 
 /// A token that passed every check, and the times it is valid between.
@@ -383,6 +407,16 @@ struct Verified {
     principal: Principal,
     exp: u64,
     nbf: Option<u64>,
+}
+
+/// Weighs a kept token by its size, so large tokens cannot make the cache large.
+#[derive(Clone)]
+struct TokenBytes;
+
+impl quick_cache::Weighter<String, Verified> for TokenBytes {
+    fn weight(&self, token: &String, _: &Verified) -> u64 {
+        token.len() as u64 + VERIFIED_ENTRY_BYTES
+    }
 }
 
 /// Verifies (and, with a private key or secret, mints) tokens of one algorithm.
@@ -395,7 +429,7 @@ pub struct Authenticator {
     issuer: String,
     audience: String,
     /// Tokens that verified, by their text (see the module docs).
-    verified: quick_cache::sync::Cache<String, Verified>,
+    verified: quick_cache::sync::Cache<String, Verified, TokenBytes>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -477,7 +511,11 @@ impl Authenticator {
             validation,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
-            verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS_KEPT),
+            verified: quick_cache::sync::Cache::with_weighter(
+                (VERIFIED_TOKENS_BYTES / 512) as usize,
+                VERIFIED_TOKENS_BYTES,
+                TokenBytes,
+            ),
         };
         authenticator.probe_keys()?;
         Ok(authenticator)
@@ -496,7 +534,7 @@ impl Authenticator {
                 reason: err.to_string(),
             }
         })?;
-        match self.verify(&token) {
+        match self.check(&token) {
             Ok(_) => Ok(()),
             Err(_) => Err(AuthConfigError::KeyMismatch),
         }
@@ -527,10 +565,12 @@ impl Authenticator {
             return Err(AuthError::Malformed);
         }
         if let Some(known) = self.verified.get(bearer_token) {
-            // jsonwebtoken's own rules: expired when `exp` is more than the leeway in the past,
-            // not yet valid when `nbf` is more than the leeway in the future.
-            let leeway = self.validation.leeway;
-            if known.exp.saturating_add(leeway) < now {
+            // jsonwebtoken's own rules (`validate` in its validation.rs): expired when `exp`,
+            // less the minimum remaining life, is more than the leeway in the past; not yet
+            // valid when `nbf` is more than the leeway in the future (then the full check below
+            // gives jsonwebtoken's own error).
+            let Validation { leeway, reject_tokens_expiring_in_less_than: min_life, .. } = self.validation;
+            if known.exp.saturating_sub(min_life) < now.saturating_sub(leeway) {
                 self.verified.remove(bearer_token);
                 return Err(AuthError::Expired);
             }
@@ -538,11 +578,16 @@ impl Authenticator {
                 return Ok(known.principal);
             }
         }
-        self.check(bearer_token)
+        let (principal, verified) = self.check(bearer_token)?;
+        if let Some(verified) = verified {
+            self.verified.insert(bearer_token.to_owned(), verified);
+        }
+        Ok(principal)
     }
 
-    /// The full check of a token: signature, registered claims, then ours. Keeps it if it passes.
-    fn check(&self, bearer_token: &str) -> Result<Principal, AuthError> {
+    /// The full check of a token: signature, registered claims, then ours; and what to keep of
+    /// it (nothing if its dates are not what jsonwebtoken itself would read).
+    fn check(&self, bearer_token: &str) -> Result<(Principal, Option<Verified>), AuthError> {
         let data = jsonwebtoken::decode::<ReceivedClaims>(bearer_token, &self.decoding, &self.validation)
             .map_err(|err| AuthError::from_jwt(&err))?;
         let ReceivedClaims { sub, role, exp, nbf } = data.claims;
@@ -558,11 +603,14 @@ impl Authenticator {
             .parse::<Role>()
             .map_err(|_| AuthError::Invalid("claim `role` must be `customer` or `admin`".into()))?;
         let principal = Principal { subject, role };
-        if let Some(exp) = exp {
-            let verified = Verified { principal: principal.clone(), exp, nbf };
-            self.verified.insert(bearer_token.to_owned(), verified);
-        }
-        Ok(principal)
+        let exp = exp.as_ref().and_then(NumericDate::seconds);
+        let nbf = nbf.as_ref().map(NumericDate::seconds);
+        let verified = match (exp, nbf) {
+            (Some(exp), None) => Some(Verified { principal: principal.clone(), exp, nbf: None }),
+            (Some(exp), Some(Some(nbf))) => Some(Verified { principal: principal.clone(), exp, nbf: Some(nbf) }),
+            _ => None,
+        };
+        Ok((principal, verified))
     }
 
     /// Signs a token for `subject` with `role`, valid for `ttl` from now.
@@ -759,6 +807,14 @@ mod tests {
         assert_eq!(auth.verify_at(&token, now + 60).unwrap().subject, "alice");
         assert_eq!(auth.verify_at(&token, now + 3600), Err(AuthError::Expired));
         assert!(auth.verified.get(token.as_str()).is_none(), "an expired token is forgotten");
+
+        // RFC 7519 dates may be fractional; jsonwebtoken rounds them, and so does the cache.
+        let mut fractional = claims(60);
+        fractional["exp"] = json!(fractional["exp"].as_u64().unwrap() as f64 + 0.4);
+        let fractional = sign_hs256(&fractional, SECRET.as_bytes());
+        assert!(auth.verify_at(&fractional, now).is_ok());
+        assert!(auth.verified.get(fractional.as_str()).is_some());
+        assert_eq!(auth.verify_at(&fractional, now + 3600), Err(AuthError::Expired));
 
         let forged = sign_hs256(&claims(60), b"another-secret-that-is-at-least-32-bytes-long");
         assert!(auth.verify(&forged).is_err());

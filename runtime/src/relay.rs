@@ -5,7 +5,8 @@
 //! durable entries, hands each to `deliver` (which routes it to the consuming service and
 //! returns once the consumer has made its effect durable), retries failures with backoff,
 //! and acknowledges (deletes) delivered entries. After a crash, unacknowledged entries are
-//! delivered again; consumers dedup by event id, so the effect happens once.
+//! delivered again; each consumer's state makes a repeated event a no-op, so the effect
+//! happens once.
 
 use crate::resilience::Backoff;
 use ordermesh_storage::{OutboxEntry, Store};

@@ -19,8 +19,9 @@
 //!
 //! The buffer also knows, for each keyspace tag (a key's first byte), the greatest key sled
 //! holds with it, so a read of a key above it never goes to sled. Most reads of a key that does
-//! not exist are of a new order or payment, named by a time-ordered id (UUIDv7) greater than
-//! every id sled holds: each such miss was a walk down sled's tree (two per new entity, its
+//! not exist are of a new order or payment, named by a time-ordered id (UUIDv7), usually greater
+//! than every id sled holds (not always: ids minted in the same millisecond, or on a node whose
+//! clock is behind, may sort below; those reads still ask sled): each such miss was a walk down sled's tree (two per new entity, its
 //! activation's read and the committer's version check; 5% of `dev`'s CPU under load).
 
 use std::cmp::Ordering;

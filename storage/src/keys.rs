@@ -158,7 +158,7 @@ pub(crate) fn check_entity(entity: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Checks a message id or idempotency key: non-empty (it is the last key component, so 0x00 is
+/// Checks an idempotency key: non-empty (it is the last key component, so 0x00 is
 /// harmless there).
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), StorageError> {
     if name.is_empty() {

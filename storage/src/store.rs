@@ -326,6 +326,10 @@ pub(crate) struct Shared {
     /// The directory's file name: the `store` label of metrics and logs.
     pub(crate) name: String,
     /// `None` once closed, so that closing really releases sled's files (and its lock on them).
+    ///
+    /// After open, only the checkpoint (`Checkpointer::write_to_sled`) writes into sled: the
+    /// write buffer's bound on the keys sled holds (`WriteBuffer::release`) relies on it. Any
+    /// other writer must raise that bound first, or reads above it will not see its keys.
     db: RwLock<Option<sled::Db>>,
     /// Highest outbox id that is durable. Entries above it may be applied but not yet fsynced and
     /// must not be delivered: a crash could still lose them after a consumer saw them.

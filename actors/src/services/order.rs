@@ -44,7 +44,8 @@ pub enum OrderMsg {
     /// Customer or admin cancel: replies once the cancellation is durable (and, when inventory
     /// answers, complete).
     Cancel { reply: RpcReplyPort<Result<Order, ServiceError>> },
-    /// The payment service's verdict (from its outbox; deduplicated on `event_id`).
+    /// The payment service's verdict (from its outbox; a repeat finds the order no longer
+    /// awaiting payment; `event_id` names the delivery in logs).
     PaymentSettled { event_id: String, outcome: PaymentOutcome, reply: RpcReplyPort<Result<(), ServiceError>> },
     /// Take the saga's next step (sent by the order itself, and by recovery at start).
     Continue,

@@ -200,14 +200,14 @@ impl PaymentEntity {
             return Ok(());
         }
         let before_version = self.payment.as_ref().map_or(0, |p| p.version);
-        let mut batch = WriteBatch::default();
-        if !events.is_empty() {
-            batch.appends.push(Append {
+        let mut batch = WriteBatch {
+            appends: vec![Append {
                 entity: self.order.to_string(),
                 expected_version: before_version,
                 events: events.iter().map(codec::encode).collect::<Result<_, _>>()?,
-            });
-        }
+            }],
+            ..WriteBatch::default()
+        };
         for (i, event) in events.iter().enumerate() {
             let outcome = match event {
                 PaymentEvent::Captured { .. } => PaymentOutcome::Captured,
