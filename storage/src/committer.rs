@@ -851,4 +851,24 @@ mod tests {
         let reopened = Store::open(dir.path(), options()).unwrap();
         check(&reopened);
     }
+
+    /// Keys of a retired keyspace (an older build's inbox marks) are gone after the next open,
+    /// and nothing else is.
+    #[test]
+    fn retired_keyspaces_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_manual(dir.path(), options()).unwrap();
+        commit(&store, append("order-1", 0, &[b"a1"])).unwrap();
+        store.with_committer(|c| {
+            for i in 0..25_000 {
+                c.db.insert(keys::tagged(b'i', format!("order-{i}/payment/2").as_bytes()), vec![]).unwrap();
+            }
+        });
+        store.close().unwrap();
+        drop(store);
+        let store = Store::open_manual(dir.path(), options()).unwrap();
+        assert_eq!(store.with_committer(|c| c.db.scan_prefix([b'i', 0]).count()), 0);
+        assert_eq!(store.read_events("order-1", 0).unwrap().len(), 1);
+        store.close().unwrap();
+    }
 }

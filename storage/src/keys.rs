@@ -10,8 +10,9 @@ use crate::error::StorageError;
 pub(crate) const EVENT: u8 = b'e';
 pub(crate) const SNAPSHOT: u8 = b's';
 pub(crate) const OUTBOX: u8 = b'o';
-// b'i' held inbox marks until consumers deduplicated by entity state; older stores may still
-// hold such keys (never read), so the tag is not reused.
+/// Keyspaces no build writes any more, removed when a store opens (and their tags never
+/// reused): `i`, inbox marks, until consumers deduplicated integration events by entity state.
+pub(crate) const RETIRED: &[(u8, &str)] = &[(b'i', "inbox marks")];
 pub(crate) const IDEMPOTENCY: u8 = b'k';
 pub(crate) const INDEX: u8 = b'x';
 

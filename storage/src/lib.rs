@@ -34,7 +34,7 @@
 //! | `e\0<entity>\0<seq BE><n u8>` | the `n` (2..=255) events of one append up to `seq`, each `len u32 LE` + bytes |
 //! | `s\0<entity>`                | snapshot, codec-encoded `{seq, bytes}`        |
 //! | `o\0<id u64 BE>`             | outbox payload (the caller's)                 |
-//! | `i\0<message id>`            | not written (older builds kept inbox marks here; never read) |
+//! | `i\0<message id>`            | retired (older builds' inbox marks): removed at open |
 //! | `k\0<idempotency key>`       | codec-encoded `{value, created_at_ms}`        |
 //! | `x\0<key>`                   | index value (the caller's)                    |
 //! | `m\0layout`                  | codec-encoded `u32` key layout version        |

@@ -791,6 +791,29 @@ fn store_name(path: &Path) -> String {
 
 type Parts = (Arc<Shared>, Committer);
 
+/// Removes the keys of [`keys::RETIRED`] keyspaces left by older builds (after the log's replay,
+/// which may put some back; before the write buffer reads what sled holds). Straight into
+/// sled, unlogged: a crash in the middle only leaves some for the next open. Made durable with
+/// everything else recovery found when the committer starts.
+fn remove_retired_keyspaces(db: &sled::Db, store: &str) -> sled::Result<()> {
+    const BATCH: usize = 10_000;
+    for &(tag, what) in keys::RETIRED {
+        let mut removed = 0usize;
+        loop {
+            let batch = db.scan_prefix([tag, 0]).keys().take(BATCH).collect::<sled::Result<Vec<_>>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            for key in &batch {
+                db.remove(key)?;
+            }
+            removed += batch.len();
+            tracing::info!(store, removed, "removing {what} no build reads any more");
+        }
+    }
+    Ok(())
+}
+
 /// Opens sled, checks the store's integrity markers, restores counters and makes the recovered
 /// state durable; everything of `Store::open` but starting the syncer thread.
 fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError> {
@@ -876,6 +899,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
     if commit_seq > recovered {
         tracing::info!(store = %name, groups = commit_seq - recovered, "replayed the write-ahead log");
     }
+    remove_retired_keyspaces(&db, &name).map_err(|e| sled_open_error(&path, e))?;
 
     // sled treats a corrupt record like a torn tail and silently recovers the log up to it. The
     // commit-group count recorded durably at the last clean close (or once a second while
