@@ -192,6 +192,11 @@ impl WriteBuffer {
         }
     }
 
+    /// Whether sled may hold `key` (false: it is above every key sled holds with its tag).
+    pub(crate) fn sled_may_hold(&self, key: &[u8]) -> bool {
+        self.read().sled_may_hold_key(key)
+    }
+
     /// The generation, and whether sled may hold a key within the bounds.
     fn sled_view(&self, lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> (u64, bool) {
         let tables = self.read();

@@ -114,7 +114,12 @@ impl Checkpointer {
         let mut entries = table.entries.iter().peekable();
         while let Some((key, value)) = entries.next() {
             let Some(value) = value else {
-                self.db.remove(key.as_slice()).map_err(io::Error::from)?;
+                // Most removals are of keys put since the last drain (a delivered outbox entry,
+                // a finished saga's `r/` entry), above everything sled holds: nothing to remove,
+                // and sled's walk down its tree to find that out was 1.6% of `dev`'s CPU.
+                if self.shared.buffer.sled_may_hold(key) {
+                    self.db.remove(key.as_slice()).map_err(io::Error::from)?;
+                }
                 continue;
             };
             let Some(prefix) = keys::event_key_prefix(key) else {
