@@ -41,6 +41,10 @@ pub(crate) struct Table {
     /// The last commit group written into it (0: none); a checkpoint records it in sled after
     /// the entries, as `m\0commit_seq`.
     pub(crate) last_seq: u64,
+    /// It holds what a failed checkpoint may have written into sled in part, without raising
+    /// the bound on sled's keys: its removals must all reach sled (none may be skipped as
+    /// "above everything sled holds").
+    pub(crate) carries_failed: bool,
 }
 
 #[derive(Default)]
@@ -169,6 +173,7 @@ impl WriteBuffer {
                 table.entries.entry(key.clone()).or_insert_with(|| value.clone());
             }
             table.last_seq = table.last_seq.max(older.last_seq);
+            table.carries_failed = true;
         }
         let table = Arc::new(table);
         tables.frozen = Some(table.clone());

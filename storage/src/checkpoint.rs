@@ -117,7 +117,7 @@ impl Checkpointer {
                 // Most removals are of keys put since the last drain (a delivered outbox entry,
                 // a finished saga's `r/` entry), above everything sled holds: nothing to remove,
                 // and sled's walk down its tree to find that out was 1.6% of `dev`'s CPU.
-                if self.shared.buffer.sled_may_hold(key) {
+                if table.carries_failed || self.shared.buffer.sled_may_hold(key) {
                     self.db.remove(key.as_slice()).map_err(io::Error::from)?;
                 }
                 continue;

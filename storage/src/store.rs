@@ -792,23 +792,29 @@ fn store_name(path: &Path) -> String {
 type Parts = (Arc<Shared>, Committer);
 
 /// Removes the keys of [`keys::RETIRED`] keyspaces left by older builds (after the log's replay,
-/// which may put some back; before the write buffer reads what sled holds). Straight into
+/// which may put some back, and the integrity checks; before the write buffer reads what sled
+/// holds). Straight into
 /// sled, unlogged: a crash in the middle only leaves some for the next open. Made durable with
 /// everything else recovery found when the committer starts.
 fn remove_retired_keyspaces(db: &sled::Db, store: &str) -> sled::Result<()> {
     const BATCH: usize = 10_000;
     for &(tag, what) in keys::RETIRED {
+        let prefix = [tag, 0];
+        let end = Bound::Excluded(vec![tag, 1]);
+        let mut from = Bound::Included(prefix.to_vec());
         let mut removed = 0usize;
         loop {
-            let batch = db.scan_prefix([tag, 0]).keys().take(BATCH).collect::<sled::Result<Vec<_>>>()?;
-            if batch.is_empty() {
-                break;
-            }
+            let batch = db.range((from.clone(), end.clone())).keys().take(BATCH).collect::<sled::Result<Vec<_>>>()?;
+            let Some(last) = batch.last() else { break };
+            from = Bound::Excluded(last.to_vec());
             for key in &batch {
                 db.remove(key)?;
             }
             removed += batch.len();
-            tracing::info!(store, removed, "removing {what} no build reads any more");
+            tracing::debug!(store, removed, "removing {what} no build reads any more");
+        }
+        if removed > 0 {
+            tracing::info!(store, removed, "removed {what} no build reads any more");
         }
     }
     Ok(())
@@ -899,7 +905,6 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
     if commit_seq > recovered {
         tracing::info!(store = %name, groups = commit_seq - recovered, "replayed the write-ahead log");
     }
-    remove_retired_keyspaces(&db, &name).map_err(|e| sled_open_error(&path, e))?;
 
     // sled treats a corrupt record like a torn tail and silently recovers the log up to it. The
     // commit-group count recorded durably at the last clean close (or once a second while
@@ -917,6 +922,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
         ));
     }
 
+    remove_retired_keyspaces(&db, &name).map_err(|e| sled_open_error(&path, e))?;
     let next_outbox = restore_outbox_counter(&db, &path)?;
 
     let shared = Arc::new(Shared {
