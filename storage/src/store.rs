@@ -386,6 +386,8 @@ impl Shared {
 
     /// A key's value: the write buffer's if it has the key, else sled's.
     pub(crate) fn get(&self, db: &sled::Db, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        #[cfg(debug_assertions)]
+        self.buffer.assert_bound_holds(db, &Bound::Included(key.to_vec()), &Bound::Included(key.to_vec()));
         match self.buffer.get(key) {
             Found::Value(value) => Ok(Some(value)),
             Found::Absent => Ok(None),
@@ -402,6 +404,8 @@ impl Shared {
         upper: Bound<Vec<u8>>,
         reverse: bool,
     ) -> Merged<'a> {
+        #[cfg(debug_assertions)]
+        self.buffer.assert_bound_holds(db, &lower, &upper);
         Merged::new(&self.buffer, db, lower, upper, reverse)
     }
 
