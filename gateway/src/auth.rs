@@ -383,7 +383,7 @@ struct ReceivedClaims {
 
 /// A JWT date as jsonwebtoken reads it: whole seconds, or fractional ones rounded (RFC 7519
 /// allows both).
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Deserialize)]
 #[serde(untagged)]
 enum NumericDate {
     Seconds(u64),
@@ -391,8 +391,8 @@ enum NumericDate {
 }
 
 impl NumericDate {
-    fn seconds(&self) -> Option<u64> {
-        match *self {
+    fn seconds(self) -> Option<u64> {
+        match self {
             Self::Seconds(s) => Some(s),
             // jsonwebtoken's own conversion (its validation's `visit_f64`).
             Self::Fractional(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Some(f.round() as u64),
@@ -603,13 +603,10 @@ impl Authenticator {
             .parse::<Role>()
             .map_err(|_| AuthError::Invalid("claim `role` must be `customer` or `admin`".into()))?;
         let principal = Principal { subject, role };
-        let exp = exp.as_ref().and_then(NumericDate::seconds);
-        let nbf = nbf.as_ref().map(NumericDate::seconds);
-        let verified = match (exp, nbf) {
-            (Some(exp), None) => Some(Verified { principal: principal.clone(), exp, nbf: None }),
-            (Some(exp), Some(Some(nbf))) => Some(Verified { principal: principal.clone(), exp, nbf: Some(nbf) }),
-            _ => None,
-        };
+        // `Some(None)`: no `nbf`; `None`: one that cannot be read as seconds.
+        let nbf = nbf.map_or(Some(None), |nbf| nbf.seconds().map(Some));
+        let verified = exp.and_then(|exp| exp.seconds()).zip(nbf);
+        let verified = verified.map(|(exp, nbf)| Verified { principal: principal.clone(), exp, nbf });
         Ok((principal, verified))
     }
 

@@ -21,8 +21,9 @@
 //! holds with it, so a read of a key above it never goes to sled. Most reads of a key that does
 //! not exist are of a new order or payment, named by a time-ordered id (UUIDv7), usually greater
 //! than every id sled holds (not always: ids minted in the same millisecond, or on a node whose
-//! clock is behind, may sort below; those reads still ask sled): each such miss was a walk down sled's tree (two per new entity, its
-//! activation's read and the committer's version check; 5% of `dev`'s CPU under load).
+//! clock is behind, may sort below; those reads still ask sled): each such miss was a walk down
+//! sled's tree (two per new entity, its activation's read and the committer's version check; 5%
+//! of `dev`'s CPU under load).
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -62,21 +63,20 @@ struct Tables {
 impl Tables {
     /// False if sled holds no key in `[lower, upper)` (either bound may be inclusive): both
     /// bounds within one keyspace tag, and the lower above every key sled holds with it.
-    fn sled_may_hold(&self, lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    fn sled_may_hold(&self, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> bool {
         let Some(sled_max) = &self.sled_max else { return true };
         let (Bound::Included(low) | Bound::Excluded(low)) = lower else { return true };
         let (Bound::Included(high) | Bound::Excluded(high)) = upper else { return true };
         match (low.first(), high.first()) {
             (Some(tag), Some(high_tag)) if tag == high_tag => {
-                sled_max[usize::from(*tag)].as_ref().is_some_and(|max| low <= max)
+                sled_max[usize::from(*tag)].as_deref().is_some_and(|max| low <= max)
             }
             _ => true,
         }
     }
 
     fn sled_may_hold_key(&self, key: &[u8]) -> bool {
-        let Some(sled_max) = &self.sled_max else { return true };
-        key.first().is_none_or(|tag| sled_max[usize::from(*tag)].as_deref().is_some_and(|max| key <= max))
+        self.sled_may_hold(Bound::Included(key), Bound::Included(key))
     }
 }
 
@@ -209,7 +209,7 @@ impl WriteBuffer {
     #[cfg(debug_assertions)]
     pub(crate) fn assert_bound_holds(&self, db: &sled::Db, lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) {
         let tables = self.read();
-        if is_empty(lower, upper) || tables.sled_may_hold(lower, upper) {
+        if is_empty(lower, upper) || tables.sled_may_hold(bound_ref(lower), bound_ref(upper)) {
             return;
         }
         for item in db.range::<Vec<u8>, _>((lower.clone(), upper.clone())) {
@@ -230,7 +230,7 @@ impl WriteBuffer {
     /// The generation, and whether sled may hold a key within the bounds.
     fn sled_view(&self, lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> (u64, bool) {
         let tables = self.read();
-        (tables.generation, tables.sled_may_hold(lower, upper))
+        (tables.generation, tables.sled_may_hold(bound_ref(lower), bound_ref(upper)))
     }
 
     /// Up to [`CHUNK`] entries within the bounds, in key order (descending if `reverse`), the

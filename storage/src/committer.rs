@@ -71,9 +71,6 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 /// 2 gave about 10% more orders per second, 3 no more than 2.
 const SATURATED_PACING: u32 = 2;
 
-/// The largest scratch buffer for a round's log records the syncer keeps between rounds.
-const LOG_BATCH_KEPT: usize = 1024 * 1024;
-
 /// Most entity versions the committer keeps cached (about 100 bytes each).
 const VERSION_CACHE_MAX: usize = 100_000;
 
@@ -401,8 +398,6 @@ struct Syncer {
     fsync: bool,
     /// The write-ahead log: a round is durable once its records are appended and synced here.
     wal: Wal,
-    /// Where a round's records are put together for their one `write`.
-    log_batch: Vec<u8>,
     dir: PathBuf,
     checkpoints: Checkpoints,
     /// The commit-group count last written to the sentinel file, and when.
@@ -439,7 +434,6 @@ impl Syncer {
             commits: metrics::counter!("storage_commits_total", "store" => label.clone()),
             round_size: metrics::histogram!("storage_commit_group_size", "store" => label),
             wal,
-            log_batch: Vec::new(),
             shared,
             fsync,
             dir,
@@ -630,10 +624,7 @@ impl Syncer {
     fn log(&mut self, round: &[Applied]) -> Result<(), String> {
         let path = || self.dir.join(WAL_DIR).display().to_string();
         let records = round.iter().filter_map(|w| w.logged.as_ref()).map(|(_, record)| record.as_slice());
-        self.wal.append(records, &mut self.log_batch).map_err(|e| format!("write {}: {e}", path()))?;
-        if self.log_batch.capacity() > LOG_BATCH_KEPT {
-            self.log_batch = Vec::new(); // after a burst of large records: don't keep megabytes
-        }
+        self.wal.append(records).map_err(|e| format!("write {}: {e}", path()))?;
         if !self.fsync {
             return Ok(());
         }

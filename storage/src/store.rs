@@ -797,9 +797,8 @@ type Parts = (Arc<Shared>, Committer);
 
 /// Removes the keys of [`keys::RETIRED`] keyspaces left by older builds (after the log's replay,
 /// which may put some back, and the integrity checks; before the write buffer reads what sled
-/// holds). Straight into
-/// sled, unlogged: a crash in the middle only leaves some for the next open. Made durable with
-/// everything else recovery found when the committer starts.
+/// holds). Straight into sled, unlogged: a crash in the middle only leaves some for the next
+/// open. Made durable with everything else recovery found when the committer starts.
 fn remove_retired_keyspaces(db: &sled::Db, store: &str) -> sled::Result<()> {
     const BATCH: usize = 10_000;
     for &(tag, what) in keys::RETIRED {
