@@ -1,9 +1,12 @@
-//! The caller's side of a router: send or call an entity by key, with a timeout on every call.
+//! The caller's side of a service's entities: send or call an entity by key, with a timeout on
+//! every call. An active entity gets the message straight into its mailbox; otherwise the
+//! router activates one (see `entity.rs`).
 
-use crate::entity::RouterMsg;
-use ractor::rpc::CallResult;
+use crate::entity::{Directory, RouterMsg};
 use ractor::{ActorRef, RpcReplyPort};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Why a call to an entity got no answer. A call that timed out may still run later, so
 /// every handler the runtime hosts is idempotent.
@@ -18,21 +21,22 @@ pub enum CallError {
     Overloaded { service: &'static str },
 }
 
-/// Reaches the entities of one service through its router.
+/// Reaches the entities of one service on this node (made by `Router::start`).
 pub struct RouterHandle<M: Send + 'static> {
     router: ActorRef<RouterMsg<M>>,
+    directory: Arc<Directory<M>>,
     service: &'static str,
 }
 
 impl<M: Send + 'static> Clone for RouterHandle<M> {
     fn clone(&self) -> Self {
-        Self { router: self.router.clone(), service: self.service }
+        Self { router: self.router.clone(), directory: self.directory.clone(), service: self.service }
     }
 }
 
 impl<M: Send + 'static> RouterHandle<M> {
-    pub fn new(router: ActorRef<RouterMsg<M>>, service: &'static str) -> Self {
-        Self { router, service }
+    pub(crate) fn new(router: ActorRef<RouterMsg<M>>, directory: Arc<Directory<M>>, service: &'static str) -> Self {
+        Self { router, directory, service }
     }
 
     pub fn service(&self) -> &'static str {
@@ -40,39 +44,35 @@ impl<M: Send + 'static> RouterHandle<M> {
     }
 
     /// Fire and forget (the entity's own log makes the effect durable, not this send).
-    pub fn send(&self, key: impl Into<String>, msg: M) -> Result<(), CallError> {
+    pub fn send(&self, key: &str, msg: M) -> Result<(), CallError> {
+        let Err(msg) = self.directory.deliver(key, msg, self.service) else {
+            return Ok(());
+        };
         self.router
-            .send_message(RouterMsg::Deliver { key: key.into(), msg })
+            .send_message(RouterMsg::Deliver { key: key.to_owned(), msg })
             .map_err(|_| CallError::Unavailable { service: self.service })
     }
 
     /// Request/response with the entity `key`.
     pub async fn call<T: Send + 'static>(
         &self,
-        key: impl Into<String>,
+        key: &str,
         build: impl FnOnce(RpcReplyPort<T>) -> M,
         timeout: Duration,
     ) -> Result<T, CallError> {
-        let key = key.into();
-        let result = self
-            .router
-            .call(|reply| RouterMsg::Deliver { key, msg: build(reply) }, Some(timeout))
-            .await
-            .map_err(|_| CallError::Unavailable { service: self.service })?;
-        match result {
-            CallResult::Success(value) => Ok(value),
-            CallResult::Timeout => Err(CallError::Timeout { service: self.service, timeout }),
+        let (reply, answer) = oneshot::channel();
+        self.send(key, build(reply.into()))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(value)) => Ok(value),
+            Err(_) => Err(CallError::Timeout { service: self.service, timeout }),
             // The entity dropped the reply port: it failed (and will reload on next message).
-            CallResult::SenderError => Err(CallError::Unavailable { service: self.service }),
+            Ok(Err(_)) => Err(CallError::Unavailable { service: self.service }),
         }
     }
 
     /// Number of entities of this service in memory on this node.
-    pub async fn active_entities(&self) -> Result<usize, CallError> {
-        match self.router.call(RouterMsg::CountActive, Some(Duration::from_secs(5))).await {
-            Ok(CallResult::Success(n)) => Ok(n),
-            _ => Err(CallError::Unavailable { service: self.service }),
-        }
+    pub fn active_entities(&self) -> usize {
+        self.directory.len()
     }
 
     /// Stops the router and every entity it hosts.

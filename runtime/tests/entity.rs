@@ -4,8 +4,9 @@
 
 use ordermesh_runtime::{Entity, EntityContext, HostingOptions, Router, RouterHandle};
 use ractor::{ActorProcessingErr, RpcReplyPort};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Counts the messages it got since it was activated; its work is over at `finished_at`.
@@ -51,8 +52,7 @@ async fn start() -> (RouterHandle<Add>, Activations) {
 async fn start_with(idle_after: Duration, finished_at: u32) -> (RouterHandle<Add>, Activations) {
     let activations = Activations(Arc::default(), finished_at);
     let options = HostingOptions { service: "tally", idle_after };
-    let router = Router::<Tally>::start(options, activations.clone()).await.unwrap();
-    (RouterHandle::new(router, "tally"), activations)
+    (Router::<Tally>::start(options, activations.clone()).await.unwrap(), activations)
 }
 
 async fn add(handle: &RouterHandle<Add>, key: &str) -> u32 {
@@ -104,10 +104,89 @@ async fn an_entity_leaves_once_idle_for_the_idle_time_and_not_while_messages_kee
 
     // Then silence: it leaves memory after about the idle time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while handle.active_entities().await.unwrap() > 0 {
+    while handle.active_entities() > 0 {
         assert!(tokio::time::Instant::now() < deadline, "an idle entity stayed in memory");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(add(&handle, "busy").await, 1, "the next message starts a fresh activation");
     assert_eq!(activations.0.load(Ordering::SeqCst), 2);
+}
+
+/// An entity that is finished after every message, and notices when it handles a message after
+/// a newer activation of its key has started (two activations overlapping).
+struct Racer {
+    generation: u64,
+    key: String,
+    deps: RaceDeps,
+}
+
+#[derive(Clone, Default)]
+struct RaceDeps {
+    /// The newest activation of each key.
+    newest: Arc<Mutex<HashMap<String, u64>>>,
+    activations: Arc<AtomicU64>,
+    /// Messages handled by an activation older than the newest of its key.
+    stale: Arc<AtomicU64>,
+}
+
+impl Entity for Racer {
+    type Msg = Add;
+    type Deps = RaceDeps;
+
+    async fn activate(key: &str, deps: &RaceDeps) -> Result<Self, ActorProcessingErr> {
+        let generation = deps.activations.fetch_add(1, Ordering::SeqCst);
+        deps.newest.lock().unwrap().insert(key.to_owned(), generation);
+        Ok(Racer { generation, key: key.to_owned(), deps: deps.clone() })
+    }
+
+    async fn handle(&mut self, msg: Add, _ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        // Slow enough that messages queue up behind this one, and a newer activation (if the
+        // runtime wrongly started one) has time to begin.
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        if self.deps.newest.lock().unwrap().get(&self.key) != Some(&self.generation) {
+            self.deps.stale.fetch_add(1, Ordering::SeqCst);
+        }
+        let _ = msg.reply.send(0);
+        Ok(())
+    }
+
+    fn finished(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_is_lost_and_activations_never_overlap_while_entities_come_and_go() {
+    // Every message finishes its entity, so deliveries keep racing its passivation: a message
+    // delivered to an activation on its way out (or to none) is never answered, and one left
+    // queued in an activation that a newer one replaced is handled by two activations at once.
+    let deps = RaceDeps::default();
+    let options = HostingOptions { service: "racer", idle_after: Duration::from_secs(3600) };
+    let handle = Router::<Racer>::start(options, deps.clone()).await.unwrap();
+    // Each caller waits for its answer before its next message, so arrivals are spread out
+    // rather than in bursts: some land while an activation still has queued messages, some
+    // while it is leaving, some after.
+    let callers = (0..8).map(|caller| {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let key = ["x", "y", "z"][(caller + i) % 3];
+                handle
+                    .call(key, |reply| Add { reply }, Duration::from_secs(2))
+                    .await
+                    .expect("every message is answered");
+                // Pauses now and then, so that queues also drain and entities leave.
+                if (caller * 7 + i) % 3 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+    });
+    let callers: Vec<_> = callers.collect(); // all running at once
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let activations = deps.activations.load(Ordering::SeqCst);
+    assert!(activations > 20, "entities should have come and gone, got {activations} activations");
+    assert_eq!(deps.stale.load(Ordering::SeqCst), 0, "an activation handled a message after a newer one started");
 }

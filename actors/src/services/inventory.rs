@@ -300,7 +300,7 @@ impl InventoryService {
     /// Stock items in memory on this node.
     pub async fn active_entities(&self) -> Result<usize, ServiceError> {
         match &self.router {
-            Some(router) => Ok(router.active_entities().await?),
+            Some(router) => Ok(router.active_entities()),
             None => Ok(0),
         }
     }

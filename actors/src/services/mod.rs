@@ -21,7 +21,7 @@ use inventory::{InventoryDeps, InventoryService, StockEntity};
 use order::{LiveOrders, OrderDeps, OrderEntity, OrderService};
 use ordermesh_runtime::cluster::Cluster;
 use ordermesh_runtime::relay::{RelayOptions, run_relay};
-use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router, RouterHandle};
+use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router};
 use ordermesh_storage::{OutboxEntry, Store, StoreOptions, codec};
 use payment::{PaymentDeps, PaymentEntity, PaymentService};
 use remote::Placement;
@@ -241,15 +241,14 @@ impl Services {
                 .map_err(|reason| StartError::Layout { service: "inventory", reason })?;
         }
         let inventory_router = match &inventory_store {
-            Some(store) => Some(RouterHandle::new(
+            Some(store) => Some(
                 Router::<StockEntity>::start(
                     hosting("inventory"),
                     InventoryDeps { store: store.clone(), settings: settings.clone() },
                 )
                 .await
                 .map_err(actor_err("inventory"))?,
-                "inventory",
-            )),
+            ),
             None => None,
         };
         let inventory = InventoryService::new(inventory_router, settings.clone(), placement.clone());
@@ -267,7 +266,7 @@ impl Services {
                 )
                 .await
                 .map_err(actor_err("payment"))?;
-                Some((RouterHandle::new(router, "payment"), store.clone()))
+                Some((router, store.clone()))
             }
             None => None,
         };
@@ -287,7 +286,7 @@ impl Services {
                 )
                 .await
                 .map_err(actor_err("order"))?;
-                Some((RouterHandle::new(router, "order"), store.clone()))
+                Some((router, store.clone()))
             }
             None => None,
         };

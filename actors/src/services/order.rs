@@ -847,7 +847,7 @@ impl OrderService {
             idempotency: claim,
         };
         let timeout = self.settings.call_timeout;
-        let result = router.call(id.to_string(), |reply| OrderMsg::Place { request, reply }, timeout).await?;
+        let result = router.call(&id.to_string(), |reply| OrderMsg::Place { request, reply }, timeout).await?;
         match result {
             Ok(order) => Ok(PlaceOutcome { order, created: true }),
             Err(PlaceError::Service(err)) => Err(err),
@@ -1098,7 +1098,7 @@ impl OrderService {
         }
         let timeout = self.settings.call_timeout;
         let (router, _) = self.local()?;
-        let order = router.call(id.to_string(), |reply| OrderMsg::Cancel { reply }, timeout).await??;
+        let order = router.call(&id.to_string(), |reply| OrderMsg::Cancel { reply }, timeout).await??;
         Ok(CancelOutcome { order, already_cancelled: false })
     }
 
@@ -1210,7 +1210,7 @@ impl OrderService {
     ) -> Result<(), ServiceError> {
         let timeout = self.settings.call_timeout;
         let (router, _) = self.local()?;
-        router.call(order.to_string(), |reply| OrderMsg::PaymentSettled { event_id, outcome, reply }, timeout).await?
+        router.call(&order.to_string(), |reply| OrderMsg::PaymentSettled { event_id, outcome, reply }, timeout).await?
     }
 
     /// Ids of this node's orders whose saga is not finished (resumed at start).
@@ -1232,14 +1232,14 @@ impl OrderService {
 
     pub(crate) fn resume(&self, id: OrderId) {
         if let Some((router, _)) = &self.local {
-            let _ = router.send(id.to_string(), OrderMsg::Continue);
+            let _ = router.send(&id.to_string(), OrderMsg::Continue);
         }
     }
 
     /// Orders in memory on this node.
     pub async fn active_entities(&self) -> Result<usize, ServiceError> {
         match &self.local {
-            Some((router, _)) => Ok(router.active_entities().await?),
+            Some((router, _)) => Ok(router.active_entities()),
             None => Ok(0),
         }
     }

@@ -381,10 +381,10 @@ impl PaymentService {
         match event {
             IntegrationEvent::PaymentRequested { event_id, order, amount, token, deadline_at } => {
                 let build = |reply| PaymentMsg::Request { event_id, amount, token, deadline_at, reply };
-                router.call(order.to_string(), build, timeout).await?
+                router.call(&order.to_string(), build, timeout).await?
             }
             IntegrationEvent::PaymentCancelRequested { event_id, order } => {
-                router.call(order.to_string(), |reply| PaymentMsg::Cancel { event_id, reply }, timeout).await?
+                router.call(&order.to_string(), |reply| PaymentMsg::Cancel { event_id, reply }, timeout).await?
             }
             IntegrationEvent::PaymentSettled { .. } => {
                 Err(ServiceError::Invalid("payment settlements go to the order service".into()))
@@ -408,7 +408,7 @@ impl PaymentService {
 
     pub(crate) fn resume(&self, order: OrderId) {
         if let Some((router, _)) = &self.local {
-            let _ = router.send(order.to_string(), PaymentMsg::Resume);
+            let _ = router.send(&order.to_string(), PaymentMsg::Resume);
         }
     }
 
