@@ -94,8 +94,8 @@ pub struct OrderDeps {
 /// The state of every order whose entity is in memory, as of its last durable change. Clients
 /// poll an order until it is confirmed: answering from here costs no store read (a sled range
 /// scan cost as much CPU as a tenth of the whole saga) and no message to a busy entity. It is
-/// also where a client waiting for an order's outcome (a long poll) is woken: every change
-/// of a live order, and its passivation, wakes the waiters of that order.
+/// also where a client waiting for an order's outcome (a long poll) is woken: the order's
+/// end (`confirmed` or `cancelled`), and its passivation, wake the waiters of that order.
 #[derive(Clone, Default)]
 pub struct LiveOrders(Arc<std::sync::Mutex<LiveState>>);
 
@@ -118,14 +118,19 @@ impl LiveOrders {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, id: OrderId) -> Option<Order> {
-        self.state().orders.get(&id).cloned()
+    /// `look` at the live order `id`, if it is live.
+    fn with<T>(&self, id: OrderId, look: impl FnOnce(&Order) -> T) -> Option<T> {
+        self.state().orders.get(&id).map(look)
     }
 
     fn set(&self, order: &Order) {
         let mut state = self.state();
         state.orders.insert(order.id, order.clone());
-        state.wake(order.id);
+        // Waiters wait for an order's end: the steps before it would only wake them to look
+        // and register again (three times per order).
+        if order.status.is_terminal() {
+            state.wake(order.id);
+        }
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
@@ -137,8 +142,9 @@ impl LiveOrders {
         }
     }
 
-    /// A registration for the next change of `id` (or its passivation). Register before
-    /// reading the order, so a change between the read and the wait is not missed.
+    /// A registration for the moment `id` ends (becomes `confirmed` or `cancelled`) or its
+    /// entity passivates. Register before reading the order, so a change between the read and
+    /// the wait is not missed.
     fn changed(&self, id: OrderId) -> NextChange {
         let (tx, rx) = oneshot::channel();
         let mut state = self.state();
@@ -1011,7 +1017,8 @@ impl OrderService {
             tokio::select! {
                 Some(id) = changes.next() => {
                     changes.push(self.next_change_of(id));
-                    if self.get_local(id, requester)?.is_none_or(|o| o.status.is_terminal()) {
+                    let ended = self.read_with(id, |o| !requester.may_see(o) || o.status.is_terminal())?;
+                    if ended.unwrap_or(true) {
                         found = self.terminal_among(&ids, requester)?;
                     }
                 }
@@ -1035,10 +1042,13 @@ impl OrderService {
     fn terminal_among(&self, ids: &[OrderId], requester: &Requester) -> Result<Waited, ServiceError> {
         let mut found = Waited::default();
         for id in ids {
-            match self.get_local(*id, requester)? {
+            // Only ended orders are copied: most of the orders a wait names are still running.
+            let visible =
+                self.read_with(*id, |o| requester.may_see(o).then(|| o.status.is_terminal().then(|| o.clone())))?;
+            match visible.flatten() {
                 None => found.not_found.push(*id),
-                Some(order) if order.status.is_terminal() => found.terminal.push(order),
-                Some(_) => {}
+                Some(Some(order)) => found.terminal.push(order),
+                Some(None) => {}
             }
         }
         Ok(found)
@@ -1063,7 +1073,8 @@ impl OrderService {
                 return Ok(order);
             }
             // An order whose entity is not in memory (after a restart, before recovery reached
-            // it) is woken by its activation; the timeout bounds the wait in every case.
+            // it) wakes this when it ends after its activation (or is found ended by it); the
+            // timeout bounds the wait in every case.
             if !next_change.before(until).await {
                 return self.get_local(id, requester);
             }
@@ -1073,10 +1084,15 @@ impl OrderService {
     /// The order as of its last durable change: from its live entity if it has one, else from
     /// the store (no actor is activated).
     fn read(&self, id: OrderId) -> Result<Option<Order>, ServiceError> {
+        self.read_with(id, Order::clone)
+    }
+
+    /// `look` at the order as [`Self::read`] finds it, without copying a live one.
+    fn read_with<T>(&self, id: OrderId, look: impl Fn(&Order) -> T) -> Result<Option<T>, ServiceError> {
         let store = self.store()?;
-        match self.live.get(id) {
-            Some(order) => Ok(Some(order)),
-            None => load_order(store, id),
+        match self.live.with(id, &look) {
+            Some(seen) => Ok(Some(seen)),
+            None => Ok(load_order(store, id)?.as_ref().map(look)),
         }
     }
 
