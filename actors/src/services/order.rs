@@ -573,9 +573,9 @@ impl OrderEntity {
         if events.is_empty() && batch.is_empty() && outbox.is_empty() {
             return Ok(());
         }
-        let before = self.order.clone();
-        let after = events.iter().fold(before.clone(), Order::apply);
-        let expected_version = before.as_ref().map_or(0, |o| o.version);
+        let before = self.order.as_ref();
+        let after = events.iter().fold(before.cloned(), Order::apply);
+        let expected_version = before.map_or(0, |o| o.version);
         if !events.is_empty() {
             let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
             batch.appends.push(Append { entity: self.id.to_string(), expected_version, events: encoded });
@@ -584,7 +584,7 @@ impl OrderEntity {
             batch.outbox.push(codec::encode(event)?);
         }
         if let Some(after) = &after {
-            index_changes(before.as_ref(), after, &mut batch);
+            index_changes(before, after, &mut batch);
         }
         deps.store.commit(batch).await?;
         if let Some(order) = &after {
