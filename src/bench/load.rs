@@ -7,16 +7,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use ordermesh_gateway::api::OrderStatus;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
+use super::http::{Answer, Gateway};
 use super::report::{Percentiles, Polling, Summary};
 use super::schedule::Schedule;
 use super::{Mode, Plan};
@@ -45,6 +47,9 @@ const SEED_PRICE_CENTS: u64 = 100;
 const SEED_CONCURRENCY: usize = 8;
 const SEED_ATTEMPTS: u32 = 5;
 pub const SKU_PREFIX: &str = "bench-sku-";
+/// Paths of the requests sent through [`Gateway`], under the target's base URL.
+const ORDERS_PATH: &str = "v1/orders";
+const WAIT_PATH: &str = "v1/orders/wait";
 
 /// A closed-loop worker whose request got no answer at all waits this long, rather than
 /// spinning on a refused connection.
@@ -55,13 +60,16 @@ const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 
 /// What every sending and polling task shares.
 struct Ctx {
+    /// For the per-order polls (`--poll`, `--long-poll`).
     client: Client,
-    /// `.../v1/orders` of each target gateway; order `i` goes to `i % len`.
+    /// Each target gateway, for orders and batched waits; order `i` goes to `i % len`.
+    gateways: Vec<Gateway>,
+    /// `.../v1/orders` of each target gateway.
     orders_urls: Vec<Url>,
     /// `Bearer ...` per customer.
     tokens: Vec<HeaderValue>,
     /// The JSON body of an order for each sku.
-    bodies: Vec<String>,
+    bodies: Vec<Bytes>,
     stats: Stats,
     /// Open loop: POST requests in flight.
     in_flight: Arc<Semaphore>,
@@ -74,8 +82,6 @@ struct Ctx {
     tracked: Arc<Semaphore>,
     /// Batched waits: per gateway, the accepted orders no waiter holds yet.
     unwatched: Vec<Unwatched>,
-    /// `.../v1/orders/wait` of each gateway.
-    wait_urls: Vec<Url>,
     /// `Bearer ...` of an admin per batched waiter (waits name every customer's orders).
     watchers: Vec<HeaderValue>,
     next_order: AtomicU64,
@@ -192,14 +198,16 @@ pub async fn run(
     seed(&client, &plan.targets[0], admin_token, plan.skus).await?;
 
     let tokens = bearers(customer_tokens)?;
-    let bodies = (0..plan.skus).map(|sku| order_body(sku, &plan.payment_token)).collect();
-    let wait_urls = join_each(&plan.targets, "v1/orders/wait")?;
+    let bodies = (0..plan.skus).map(|sku| Bytes::from(order_body(sku, &plan.payment_token))).collect();
+    let gateways =
+        plan.targets.iter().map(|target| Gateway::new(target, plan.timeout)).collect::<anyhow::Result<Vec<_>>>()?;
     let orders_urls = join_each(&plan.targets, "v1/orders")?;
     let cpu_before = cpu_time();
     let start = Instant::now();
     let end = start + plan.duration;
     let ctx = Arc::new(Ctx {
         client,
+        gateways,
         orders_urls,
         tokens,
         bodies,
@@ -216,7 +224,6 @@ pub async fn run(
         },
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
-        wait_urls,
         watchers: bearers(watcher_tokens)?,
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
@@ -520,26 +527,15 @@ async fn closed_loop_worker(ctx: Arc<Ctx>, end: Instant) {
 /// `POST /v1/orders` for order number `i`; latency counts from `intended`.
 async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure> {
     let customer = (i % ctx.tokens.len() as u64) as usize;
-    let gateway = (i % ctx.orders_urls.len() as u64) as usize;
+    let gateway = (i % ctx.gateways.len() as u64) as usize;
     let sku = rand::random_range(0..ctx.bodies.len());
     ctx.stats.sent.fetch_add(1, Relaxed);
-    let sent = ctx
-        .client
-        .post(ctx.orders_urls[gateway].clone())
-        .header(AUTHORIZATION, ctx.tokens[customer].clone())
-        .header(CONTENT_TYPE, "application/json")
-        .body(ctx.bodies[sku].clone())
-        .send()
-        .await;
-    let transport_error = || {
+    let sent = ctx.gateways[gateway].post_json(ORDERS_PATH, &ctx.tokens[customer], ctx.bodies[sku].clone()).await;
+    let Ok(Answer { status, body }) = sent else {
         ctx.stats.transport_errors.fetch_add(1, Relaxed);
         ctx.stats.errors.fetch_add(1, Relaxed);
-        Failure::Transport
+        return Err(Failure::Transport);
     };
-    let response = sent.map_err(|_| transport_error())?;
-    let status = response.status();
-    // Read the whole body: only then does the connection go back to the pool.
-    let body = response.bytes().await.map_err(|_| transport_error())?;
     let answered = Instant::now();
     if status != StatusCode::ACCEPTED {
         count(&ctx.stats.errors_by_status, status);
@@ -608,7 +604,7 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
         ctx.stats.polls.fetch_add(1, Relaxed);
-        let answer = wait_for_any(&ctx, &ctx.wait_urls[gateway], &ctx.watchers[waiter], &body).await;
+        let answer = wait_for_any(&ctx.gateways[gateway], &ctx.watchers[waiter], &body).await;
         let mut open = Vec::new();
         match answer {
             Ok(waited) => {
@@ -656,19 +652,16 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
 /// One `POST /v1/orders/wait`: the ended orders, or the error status (`None`: no HTTP answer or
 /// an unreadable one).
 async fn wait_for_any(
-    ctx: &Ctx,
-    url: &Url,
+    gateway: &Gateway,
     token: &HeaderValue,
     body: &serde_json::Value,
 ) -> Result<WaitedView, Option<StatusCode>> {
-    let response =
-        ctx.client.post(url.clone()).header(AUTHORIZATION, token.clone()).json(body).send().await.map_err(|_| None)?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|_| None)?;
+    let body = Bytes::from(serde_json::to_vec(body).map_err(|_| None)?);
+    let Answer { status, body } = gateway.post_json(WAIT_PATH, token, body).await.map_err(|_| None)?;
     if status != StatusCode::OK {
         return Err(Some(status));
     }
-    serde_json::from_slice(&bytes).map_err(|_| Some(status))
+    serde_json::from_slice(&body).map_err(|_| Some(status))
 }
 
 /// Follows an order until it is confirmed or cancelled, or the grace period is over (then it

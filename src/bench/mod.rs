@@ -24,6 +24,7 @@
 //! several requests per order. At most `--pollers` of them are in flight. After `--duration`, the run waits up to `--grace`
 //! for outstanding confirmations; orders still not terminal then are `unconfirmed`.
 
+mod http;
 mod load;
 mod report;
 mod schedule;
