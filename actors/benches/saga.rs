@@ -42,8 +42,8 @@ async fn run_orders(services: &Arc<Services>, count: u64, in_flight: usize) -> D
                 payment_token: PaymentToken::parse("tok_visa").expect("valid"),
             };
             let id = services.orders.place(order, None).await.expect("placed").order.id;
-            // Waits for the outcome as an API client's long poll does (woken by the order's
-            // changes, no polling loop to measure).
+            // Waits for the outcome as an API client's long poll does (woken when the order
+            // ends, no polling loop to measure).
             let wait = Duration::from_secs(30);
             let order = services.orders.get_when_terminal(id, &Requester::Admin, wait).await.expect("read");
             assert_eq!(order.expect("exists").status, OrderStatus::Confirmed);

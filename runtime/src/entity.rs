@@ -11,7 +11,10 @@
 //! caller delivers to an active entity straight into its mailbox; only a message for a key
 //! with no active entity goes through the router actor, which spawns one and delivers it. (Every
 //! message went through the router before: its hop, a task wake and a mailbox more, was about a
-//! twelfth of the CPU of an order under load.) The router never awaits anything but a spawn, so
+//! tenth of the CPU of an order under load.) A message for a key being activated may overtake
+//! an earlier one from the same sender still queued at the router (the later one finds the new
+//! entity directly); every handler is idempotent and the services send one-way only their own
+//! `Continue`/`Resume` nudges, so nothing relies on that order. The router never awaits anything but a spawn, so
 //! a slow entity (one replaying a long log, or awaiting a call to another service) blocks only
 //! itself. An entity loads its state lazily on its first message (inside its own actor).
 //!
@@ -26,7 +29,7 @@
 
 use crate::handle::RouterHandle;
 use dashmap::DashMap;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, Message, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, Message, MessagingErr, SupervisionEvent};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -150,12 +153,51 @@ pub struct Directory<M: Send + 'static> {
 impl<M: Send + 'static> Directory<M> {
     /// Delivers `msg` to the active entity `key`, or hands it back if there is none (the router
     /// must activate one).
-    pub(crate) fn deliver(&self, key: &str, msg: M, service: &'static str) -> Result<(), M> {
-        let Some(mut slot) = self.slots.get_mut(key) else {
-            return Err(msg);
+    pub(crate) fn deliver(&self, key: &str, msg: M) -> Result<(), M> {
+        let stopped = {
+            let Some(mut slot) = self.slots.get_mut(key) else {
+                return Err(msg);
+            };
+            match slot.actor.send_message(EntityMsg::Delivered(msg)) {
+                Ok(()) => {
+                    slot.delivered += 1;
+                    return Ok(());
+                }
+                Err(MessagingErr::SendErr(EntityMsg::Delivered(msg))) => (slot.actor.get_id(), msg),
+                // Not a local mailbox (cannot happen: entities are local actors).
+                Err(_) => return Ok(()),
+            }
         };
-        slot.deliver(msg, service);
-        Ok(())
+        // The activation stopped (it failed) before the router handled its supervision event:
+        // forget it now, so that the router starts a fresh one for this message.
+        let (id, msg) = stopped;
+        self.forget(key, id);
+        Err(msg)
+    }
+
+    /// Makes `actor`, just spawned by the router for `key`, the key's active entity, with `msg`
+    /// in its mailbox before any caller can see it (so it stays the first).
+    fn activate(&self, key: String, actor: ActorRef<EntityMsg<M>>, msg: M, service: &'static str) {
+        // Only the router adds slots, and it found none for the key before it spawned.
+        let mut slot = self.slots.entry(key).or_insert(Slot { actor, delivered: 0 });
+        slot.delivered += 1;
+        if slot.actor.send_message(EntityMsg::Delivered(msg)).is_err() {
+            // It failed already; its supervision event clears the slot. The message is lost like
+            // any message to a dead actor: callers time out and retry, and every handler is
+            // idempotent.
+            tracing::debug!(service, "entity stopped at once, message dropped");
+        }
+    }
+
+    /// Removes the activation `id` of `key` if every message delivered to it was processed
+    /// (delivery takes the same lock, so none can arrive after). True if it was removed.
+    fn leave_if_drained(&self, key: &str, id: ActorId, processed: u64) -> bool {
+        self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id && slot.delivered == processed).is_some()
+    }
+
+    /// Forgets the activation `id` of `key` (not a newer one that replaced it).
+    fn forget(&self, key: &str, id: ActorId) {
+        self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id);
     }
 
     /// How many entities are active.
@@ -192,18 +234,6 @@ struct Slot<M: Send + 'static> {
     delivered: u64,
 }
 
-impl<M: Send + 'static> Slot<M> {
-    fn deliver(&mut self, msg: M, service: &'static str) {
-        self.delivered += 1;
-        if self.actor.send_message(EntityMsg::Delivered(msg)).is_err() {
-            // The actor is stopping; its supervision event will clear the slot. The message is
-            // lost like any message to a dead actor: callers time out and retry, and every
-            // handler is idempotent.
-            tracing::debug!(service, "entity stopping, message dropped");
-        }
-    }
-}
-
 pub struct RouterState<E: Entity> {
     options: HostingOptions,
     deps: E::Deps,
@@ -233,7 +263,7 @@ impl<E: Entity> Actor for Router<E> {
         let RouterMsg::Deliver { key, msg } = msg;
         let service = state.options.service;
         // Activated meanwhile (by an earlier message for the key queued here): deliver to it.
-        let Err(msg) = state.directory.deliver(&key, msg, service) else {
+        let Err(msg) = state.directory.deliver(&key, msg) else {
             return Ok(());
         };
         let args = EntityArgs::<E> {
@@ -246,9 +276,13 @@ impl<E: Entity> Actor for Router<E> {
             Actor::spawn_linked(None, EntityActor::<E>(std::marker::PhantomData), args, myself.get_cell()).await?;
         metrics::gauge!("entities_active", "service" => service).increment(1.0);
         state.keys_by_actor.insert(actor.get_id(), key.clone());
-        // Only the router adds slots, so the key is still absent; the message goes in before
-        // the slot is visible to callers (both under the slot's lock), so it stays first.
-        state.directory.slots.entry(key).or_insert(Slot { actor, delivered: 0 }).deliver(msg, service);
+        state.directory.activate(key, actor, msg, service);
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        // Its entities stop with it (linked children): none is active any more.
+        state.directory.slots.clear();
         Ok(())
     }
 
@@ -271,7 +305,7 @@ impl<E: Entity> Actor for Router<E> {
             if let Some(err) = failure {
                 tracing::warn!(service = state.options.service, key, error = %err, "entity failed; it reloads on its next message");
             }
-            state.directory.slots.remove_if(&key, |_, slot| slot.actor.get_id() == id);
+            state.directory.forget(&key, id);
         }
         Ok(())
     }
@@ -396,14 +430,9 @@ fn send_after<M: Send + 'static>(actor: &ActorRef<EntityMsg<M>>, delay: Duration
 }
 
 /// Leaves the directory and stops, if every message delivered to this activation has been
-/// processed (delivery takes the same lock, so none can arrive after the removal).
+/// processed.
 fn passivate_if_drained<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &EntityState<E>) {
-    let id = myself.get_id();
-    let removed = state
-        .directory
-        .slots
-        .remove_if(&state.ctx.key, |_, slot| slot.actor.get_id() == id && slot.delivered == state.processed);
-    if removed.is_some() {
+    if state.directory.leave_if_drained(&state.ctx.key, myself.get_id(), state.processed) {
         let _ = myself.send_message(EntityMsg::Stop);
     }
 }

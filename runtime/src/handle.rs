@@ -45,7 +45,7 @@ impl<M: Send + 'static> RouterHandle<M> {
 
     /// Fire and forget (the entity's own log makes the effect durable, not this send).
     pub fn send(&self, key: &str, msg: M) -> Result<(), CallError> {
-        let Err(msg) = self.directory.deliver(key, msg, self.service) else {
+        let Err(msg) = self.directory.deliver(key, msg) else {
             return Ok(());
         };
         self.router

@@ -72,26 +72,43 @@ impl Gateway {
     }
 
     /// Sends on an idle connection (or a new one) and reads the whole answer; the connection
-    /// is kept only if the exchange completed.
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, NoAnswer> {
+    /// is kept only if the exchange completed. A kept connection the server has closed meanwhile
+    /// (found out only now) costs a retry on a new one, as a pooled client would do, not an error.
+    async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Answer, NoAnswer> {
         let exchange = async {
-            let mut connection = self.connection().await?;
-            connection.ready().await.map_err(|_| NoAnswer)?;
-            let response = connection.send_request(request).await.map_err(|_| NoAnswer)?;
-            let status = response.status();
-            let body = response.into_body().collect().await.map_err(|_| NoAnswer)?.to_bytes();
-            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(connection);
-            Ok(Answer { status, body })
+            loop {
+                let (mut connection, kept) = self.connection().await?;
+                if connection.ready().await.is_err() {
+                    if kept {
+                        continue;
+                    }
+                    return Err(NoAnswer);
+                }
+                let response = match connection.try_send_request(request).await {
+                    Ok(response) => response,
+                    Err(mut failed) => match failed.take_message() {
+                        Some(unsent) if kept => {
+                            request = unsent;
+                            continue;
+                        }
+                        _ => return Err(NoAnswer),
+                    },
+                };
+                let status = response.status();
+                let body = response.into_body().collect().await.map_err(|_| NoAnswer)?.to_bytes();
+                self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(connection);
+                return Ok(Answer { status, body });
+            }
         };
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| NoAnswer)?
     }
 
-    /// An idle connection that is still open, or a new one.
-    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, NoAnswer> {
+    /// An idle connection that is still open (true: a kept one), or a new one.
+    async fn connection(&self) -> Result<(SendRequest<Full<Bytes>>, bool), NoAnswer> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
             match idle {
-                Some(connection) if !connection.is_closed() => return Ok(connection),
+                Some(connection) if !connection.is_closed() => return Ok((connection, true)),
                 Some(_closed) => continue,
                 None => break,
             }
@@ -102,6 +119,6 @@ impl Gateway {
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(|_| NoAnswer)?;
         // Drives the connection until the sender is dropped or the server closes it.
         tokio::spawn(connection);
-        Ok(sender)
+        Ok((sender, false))
     }
 }

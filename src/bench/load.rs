@@ -352,18 +352,16 @@ fn summarize(
     }
 }
 
-/// One HTTP/1.1 client for everything: keep-alive connections, as many kept idle as can be
-/// busy at once, no proxy (a benchmark measures the target, not a proxy on the way).
+/// The HTTP/1.1 client of everything but orders and batched waits (those go through
+/// [`Gateway`]): seeding, the reachability check and the per-order polls. Keep-alive
+/// connections, as many kept idle as can be busy at once, no proxy (a benchmark measures the
+/// target, not a proxy on the way).
 fn client(plan: &Plan) -> anyhow::Result<Client> {
-    let busy = match plan.mode {
-        Mode::Open { .. } => plan.max_in_flight,
-        Mode::Closed { concurrency } => concurrency,
-    };
     Client::builder()
         .http1_only()
         .no_proxy()
         .tcp_nodelay(true)
-        .pool_max_idle_per_host((busy + plan.pollers) as usize)
+        .pool_max_idle_per_host(plan.pollers as usize + SEED_CONCURRENCY)
         .timeout(plan.timeout)
         .connect_timeout(plan.timeout.min(Duration::from_secs(5)))
         .build()

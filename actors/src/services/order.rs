@@ -197,14 +197,14 @@ struct NextChange {
 }
 
 impl NextChange {
-    /// Once the order changed (or passivated).
+    /// Once the order ended (or passivated).
     async fn happened(mut self) {
         if let Some(change) = self.change.as_mut() {
             let _ = change.await;
         }
     }
 
-    /// True if the order changed (or passivated) before `until`.
+    /// True if the order ended (or passivated) before `until`.
     async fn before(mut self, until: tokio::time::Instant) -> bool {
         let Some(change) = self.change.as_mut() else { return false };
         tokio::time::timeout_at(until, change).await.is_ok()
@@ -1029,7 +1029,7 @@ impl OrderService {
         Ok(found)
     }
 
-    /// The id, once the order changes.
+    /// The id, once the order ends (or passivates).
     fn next_change_of(&self, id: OrderId) -> impl Future<Output = OrderId> {
         let change = self.live.changed(id);
         async move {
