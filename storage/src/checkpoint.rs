@@ -32,8 +32,8 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// Held by each drain, so that the stores of one process (`ordermesh dev` has three) never move
 /// their buffers into sled at the same moment: a drain is milliseconds of CPU in one go, and two
 /// at once took both cores of a 2-core machine from the request path (place p99 under a closed
-/// loop of 64, four alternating pairs: lower in each, by 1 to 9 ms). The work is the same either way; only its overlap
-/// goes. (Not held across a checkpoint's fsync, which waits on the disk, not a core.)
+/// loop of 64, four alternating pairs: lower in each, by 1 to 9 ms). The work is the same either
+/// way; only its overlap goes. (Not held across a checkpoint's fsync, which waits on the disk.)
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Does the checkpoints of one store.
