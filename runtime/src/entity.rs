@@ -154,7 +154,7 @@ impl<M: Send + 'static> Directory<M> {
     /// Delivers `msg` to the active entity `key`, or hands it back if there is none (the router
     /// must activate one).
     pub(crate) fn deliver(&self, key: &str, msg: M) -> Result<(), M> {
-        let stopped = {
+        let (id, msg) = {
             let Some(mut slot) = self.slots.get_mut(key) else {
                 return Err(msg);
             };
@@ -169,8 +169,7 @@ impl<M: Send + 'static> Directory<M> {
             }
         };
         // The activation stopped (it failed) before the router handled its supervision event:
-        // forget it now, so that the router starts a fresh one for this message.
-        let (id, msg) = stopped;
+        // forget it now (the slot's lock is released), so that the router starts a fresh one.
         self.forget(key, id);
         Err(msg)
     }

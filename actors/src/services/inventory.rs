@@ -297,14 +297,6 @@ impl InventoryService {
         self.execute(sku, StockCommand::Commit { order }).await
     }
 
-    /// Stock items in memory on this node.
-    pub async fn active_entities(&self) -> Result<usize, ServiceError> {
-        match &self.router {
-            Some(router) => Ok(router.active_entities()),
-            None => Ok(0),
-        }
-    }
-
     pub(crate) fn stop(&self) {
         if let Some(router) = &self.router {
             router.stop();

@@ -1017,8 +1017,7 @@ impl OrderService {
             tokio::select! {
                 Some(id) = changes.next() => {
                     changes.push(self.next_change_of(id));
-                    let ended = self.read_with(id, |o| !requester.may_see(o) || o.status.is_terminal())?;
-                    if ended.unwrap_or(true) {
+                    if !self.terminal_among(std::slice::from_ref(&id), requester)?.is_empty() {
                         found = self.terminal_among(&ids, requester)?;
                     }
                 }
@@ -1249,14 +1248,6 @@ impl OrderService {
     pub(crate) fn resume(&self, id: OrderId) {
         if let Some((router, _)) = &self.local {
             let _ = router.send(&id.to_string(), OrderMsg::Continue);
-        }
-    }
-
-    /// Orders in memory on this node.
-    pub async fn active_entities(&self) -> Result<usize, ServiceError> {
-        match &self.local {
-            Some((router, _)) => Ok(router.active_entities()),
-            None => Ok(0),
         }
     }
 
