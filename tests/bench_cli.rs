@@ -74,9 +74,24 @@ fn closed_and_open_loop_runs_report_placed_and_confirmed_orders() {
     assert_eq!(closed["errors"], 0, "{closed}");
     assert_eq!(closed["cancelled"], 0, "{closed}");
 
-    let open = summary(&bench(&["--target", &dev.base, "--rate", "50", "--duration", "2s", "--skus", "10", "--json"]));
+    let open = summary(&bench(&[
+        "--target",
+        &dev.base,
+        "--rate",
+        "50",
+        "--duration",
+        "2s",
+        "--warmup",
+        "1s",
+        "--skus",
+        "10",
+        "--json",
+    ]));
     assert_eq!(open["mode"], "open");
     assert_eq!(open["rate"], 50.0);
+    // The warm-up's orders are reported apart and counted nowhere else.
+    assert_eq!(open["warmup_s"], 1.0, "{open}");
+    assert_eq!(open["warmup_placed"], 50, "{open}");
     assert_eq!(open["sent"], 100, "50/s for 2 s is 100 sends: {open}");
     assert_eq!(open["dropped"], 0, "{open}");
     assert_eq!(open["errors"], 0, "{open}");

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 use super::http::{Answer, Gateway};
-use super::report::{Percentiles, Polling, Summary};
+use super::report::{Percentiles, Polling, Summary, Warmup};
 use super::schedule::Schedule;
 use super::{Mode, Plan};
 
@@ -63,7 +63,7 @@ struct Ctx {
     /// For the per-order polls (`--poll`, `--long-poll`).
     client: Client,
     /// Each target gateway, for orders and batched waits; order `i` goes to `i % len`.
-    gateways: Vec<Gateway>,
+    gateways: Arc<[Gateway]>,
     /// `.../v1/orders` of each target gateway.
     orders_urls: Vec<Url>,
     /// `Bearer ...` per customer.
@@ -82,8 +82,10 @@ struct Ctx {
     tracked: Arc<Semaphore>,
     /// Batched waits: per gateway, the accepted orders no waiter holds yet.
     unwatched: Vec<Unwatched>,
-    /// `Bearer ...` of an admin per batched waiter (waits name every customer's orders).
+    /// `Bearer ...` of the admins the batched waiters wait as (waits name every customer's
+    /// orders); waiter `i` of `waiters` uses every `waiters`-th from the `i`-th.
     watchers: Vec<HeaderValue>,
+    waiters: usize,
     next_order: AtomicU64,
     /// End of the grace period: no polling after it.
     hard_deadline: Instant,
@@ -183,7 +185,19 @@ enum Failure {
     BadResponse,
 }
 
-/// Runs the whole benchmark: check the target, seed, load, wait for confirmations.
+/// What the phases of a run share: the clients (so the warm-up's kept-alive connections
+/// carry the measured load) and what each request is made of.
+struct Clients {
+    client: Client,
+    gateways: Arc<[Gateway]>,
+    orders_urls: Vec<Url>,
+    tokens: Vec<HeaderValue>,
+    bodies: Vec<Bytes>,
+    watchers: Vec<HeaderValue>,
+}
+
+/// Runs the whole benchmark: check the target, seed, warm up (`--warmup`, not counted), then
+/// load and wait for confirmations.
 pub async fn run(
     plan: &Plan,
     admin_token: &str,
@@ -197,20 +211,36 @@ pub async fn run(
     // Any gateway reaches every sku's owner.
     seed(&client, &plan.targets[0], admin_token, plan.skus).await?;
 
-    let tokens = bearers(customer_tokens)?;
-    let bodies = (0..plan.skus).map(|sku| Bytes::from(order_body(sku, &plan.payment_token))).collect();
     let gateways =
         plan.targets.iter().map(|target| Gateway::new(target, plan.timeout)).collect::<anyhow::Result<Vec<_>>>()?;
-    let orders_urls = join_each(&plan.targets, "v1/orders")?;
+    let clients = Clients {
+        client,
+        gateways: gateways.into(),
+        orders_urls: join_each(&plan.targets, "v1/orders")?,
+        tokens: bearers(customer_tokens)?,
+        bodies: (0..plan.skus).map(|sku| Bytes::from(order_body(sku, &plan.payment_token))).collect(),
+        watchers: bearers(watcher_tokens)?,
+    };
+    let warmup = if plan.warmup.is_zero() {
+        None
+    } else {
+        let warmup = phase(plan, &clients, plan.warmup, "warm-up ").await;
+        Some(Warmup { duration: plan.warmup, placed: warmup.placed, errors: warmup.errors() })
+    };
+    Ok(Summary { warmup, ..phase(plan, &clients, plan.duration, "").await })
+}
+
+/// Sends orders for `duration` and follows them until confirmed (or the grace period ends).
+async fn phase(plan: &Plan, clients: &Clients, duration: Duration, label: &'static str) -> Summary {
     let cpu_before = cpu_time();
     let start = Instant::now();
-    let end = start + plan.duration;
+    let end = start + duration;
     let ctx = Arc::new(Ctx {
-        client,
-        gateways,
-        orders_urls,
-        tokens,
-        bodies,
+        client: clients.client.clone(),
+        gateways: clients.gateways.clone(),
+        orders_urls: clients.orders_urls.clone(),
+        tokens: clients.tokens.clone(),
+        bodies: clients.bodies.clone(),
         stats: Stats::new(),
         in_flight: Arc::new(Semaphore::new(plan.max_in_flight as usize)),
         max_in_flight: plan.max_in_flight as usize,
@@ -224,13 +254,14 @@ pub async fn run(
         },
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
-        watchers: bearers(watcher_tokens)?,
+        watchers: clients.watchers.clone(),
+        waiters: plan.batched_waiters(),
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
     });
-    let progress = Progress::start(ctx.clone(), start, plan.duration);
+    let progress = Progress::start(ctx.clone(), start, duration, label);
     let waiters: Vec<JoinHandle<()>> = match ctx.polling {
-        Polling::Batched { wait } => (0..watcher_tokens.len())
+        Polling::Batched { wait } => (0..plan.batched_waiters())
             .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i, i % plan.targets.len(), wait)))
             .collect(),
         _ => Vec::new(),
@@ -238,7 +269,7 @@ pub async fn run(
 
     match plan.mode {
         Mode::Open { rate } => {
-            open_loop(&ctx, Schedule::new(rate, plan.duration), start).await;
+            open_loop(&ctx, Schedule::new(rate, duration), start).await;
             wait_until_none(|| ctx.posts_in_flight(), ctx.hard_deadline).await;
         }
         Mode::Closed { concurrency } => {
@@ -262,7 +293,7 @@ pub async fn run(
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
-    Ok(summarize(plan, &ctx.stats, ctx.polling, elapsed, cpu))
+    summarize(plan, &ctx.stats, ctx.polling, duration, elapsed, cpu)
 }
 
 /// `Bearer <token>` header values.
@@ -312,13 +343,15 @@ fn summarize(
     plan: &Plan,
     stats: &Stats,
     polling: Polling,
+    duration: Duration,
     elapsed: Duration,
     generator_cpu: Option<Duration>,
 ) -> Summary {
     Summary {
         target: plan.targets.iter().map(Url::as_str).collect::<Vec<_>>().join(","),
         mode: plan.mode,
-        duration: plan.duration,
+        duration,
+        warmup: None,
         elapsed,
         customers: plan.customers,
         skus: plan.skus,
@@ -326,7 +359,7 @@ fn summarize(
         max_in_flight: plan.max_in_flight,
         polling,
         scheduled: match plan.mode {
-            Mode::Open { rate } => Some(Schedule::new(rate, plan.duration).sends()),
+            Mode::Open { rate } => Some(Schedule::new(rate, duration).sends()),
             Mode::Closed { .. } => None,
         },
         sent: stats.sent.load(Relaxed),
@@ -582,6 +615,9 @@ const MAX_WAIT_IDS: usize = 64;
 /// ends, counts those that ended and puts the rest back, until the grace period is over.
 async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Duration) {
     let unwatched = &ctx.unwatched[gateway];
+    // This waiter's subjects take turns (see `WATCHER_SUBJECTS_PER_WAITER`).
+    let subjects: Vec<&HeaderValue> = ctx.watchers.iter().skip(waiter).step_by(ctx.waiters).collect();
+    let mut turn = 0;
     loop {
         // The oldest first: taking the newest would leave the oldest waiting for a free waiter.
         let batch: Vec<(Accepted, OwnedSemaphorePermit)> = {
@@ -602,7 +638,8 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
         ctx.stats.polls.fetch_add(1, Relaxed);
-        let answer = wait_for_any(&ctx.gateways[gateway], &ctx.watchers[waiter], &body).await;
+        turn += 1;
+        let answer = wait_for_any(&ctx.gateways[gateway], subjects[turn % subjects.len()], &body).await;
         let mut open = Vec::new();
         match answer {
             Ok(waited) => {
@@ -751,7 +788,8 @@ const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 impl Progress {
-    fn start(ctx: Arc<Ctx>, start: Instant, duration: Duration) -> Self {
+    /// `label` goes before each progress line (`"warm-up "` while warming up).
+    fn start(ctx: Arc<Ctx>, start: Instant, duration: Duration, label: &'static str) -> Self {
         let bar = ProgressBar::new(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         let style = ProgressStyle::with_template("{spinner} [{bar:24}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -776,15 +814,16 @@ impl Progress {
                     _ => 0.0,
                 };
                 let outstanding = ctx.orders_tracked();
-                let line = progress_line(
-                    elapsed,
-                    duration,
-                    placed,
-                    ctx.stats.confirmed.load(Relaxed),
-                    ctx.stats.errors.load(Relaxed),
-                    rate,
-                    outstanding,
-                );
+                let line = label.to_owned()
+                    + &progress_line(
+                        elapsed,
+                        duration,
+                        placed,
+                        ctx.stats.confirmed.load(Relaxed),
+                        ctx.stats.errors.load(Relaxed),
+                        rate,
+                        outstanding,
+                    );
                 shown.set_position(u64::try_from(elapsed.min(duration).as_millis()).unwrap_or(u64::MAX));
                 if shown.is_hidden() {
                     if now - last_plain >= PLAIN_PROGRESS_EVERY {

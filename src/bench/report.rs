@@ -58,6 +58,8 @@ pub struct Summary {
     pub mode: Mode,
     /// The sending window (`--duration`): the denominator of every rate.
     pub duration: Duration,
+    /// The load sent before the measured window and not counted in it (`--warmup`).
+    pub warmup: Option<Warmup>,
     /// Wall time from the first send to the end of the wait for confirmations.
     pub elapsed: Duration,
     pub customers: u32,
@@ -98,6 +100,14 @@ pub struct Summary {
     pub poll_wait: Option<Percentiles>,
     /// CPU time the generator process used (user + system), where the OS tells.
     pub generator_cpu: Option<Duration>,
+}
+
+/// What the warm-up sent (the same load as the measured window, just before it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Warmup {
+    pub duration: Duration,
+    pub placed: u64,
+    pub errors: u64,
 }
 
 impl Summary {
@@ -141,6 +151,15 @@ impl Summary {
             self.duration.as_secs_f64(),
             grace.as_secs_f64()
         );
+        if let Some(warmup) = self.warmup {
+            let _ = writeln!(
+                out,
+                "  warm-up      {:.1} s before it, not counted ({} orders placed, {} errors)",
+                warmup.duration.as_secs_f64(),
+                warmup.placed,
+                warmup.errors
+            );
+        }
         let _ = writeln!(
             out,
             "  load         {} customers, {} skus, at most {} requests in flight and {} pollers",
@@ -309,6 +328,8 @@ impl Summary {
         object.insert("concurrency".into(), concurrency);
         object.insert("duration_s".into(), json!(round3(self.duration.as_secs_f64())));
         object.insert("elapsed_s".into(), json!(round3(self.elapsed.as_secs_f64())));
+        object.insert("warmup_s".into(), json!(round3(self.warmup.map_or(0.0, |w| w.duration.as_secs_f64()))));
+        object.insert("warmup_placed".into(), json!(self.warmup.map_or(0, |w| w.placed)));
         object.insert("customers".into(), json!(self.customers));
         object.insert("skus".into(), json!(self.skus));
         object.insert("pollers".into(), json!(self.pollers));
@@ -417,6 +438,7 @@ mod tests {
             target: "http://127.0.0.1:8080/".into(),
             mode,
             duration: Duration::from_secs(20),
+            warmup: None,
             elapsed: Duration::from_millis(21_500),
             customers: 1000,
             skus: 100,
