@@ -82,13 +82,15 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Writes the write buffer into sled and makes sled's files durable, then deletes the log
-    /// segments before `first_kept`.
-    pub(crate) fn checkpoint(&mut self, first_kept: u64) -> io::Result<()> {
+    /// Writes the write buffer into sled and makes sled's files durable, then retires the log
+    /// segments before `first_kept`, one of them becoming the spare for a segment expected to
+    /// reach `next_segment_bytes` (with fsync off, none: its only use is a cheaper fsync).
+    pub(crate) fn checkpoint(&mut self, first_kept: u64, next_segment_bytes: Option<u64>) -> io::Result<()> {
         let started = Instant::now();
         self.drain()?;
         self.sync_sled()?;
-        wal::delete_before(&self.dir.join(wal::WAL_DIR), first_kept)?;
+        let spare = next_segment_bytes.filter(|_| self.fsync);
+        wal::retire_before(&self.dir.join(wal::WAL_DIR), first_kept, spare)?;
         self.seconds.record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -248,11 +250,15 @@ fn pack_run(prefix: &[u8], run: &[(&[u8], &[u8])]) -> Option<(Vec<u8>, Vec<u8>)>
     Some((keys::packed_event_key(prefix, last?, count), keys::pack_events(&events)))
 }
 
+/// A checkpoint request: the commit-group count to cover and the size of the log segment just
+/// closed.
+type Request = (u64, u64);
+
 /// The syncer's side: at most one checkpoint in flight, on the checkpoint thread once started.
 pub(crate) struct Checkpoints {
     /// Before `start` (and in unit tests): checkpoints run on the caller's thread.
     inline: Option<Box<Checkpointer>>,
-    thread: Option<(mpsc::Sender<u64>, JoinHandle<Box<Checkpointer>>)>,
+    thread: Option<(mpsc::Sender<Request>, JoinHandle<Box<Checkpointer>>)>,
     /// The commit-group count the last finished checkpoint covers.
     done: Arc<AtomicU64>,
     /// The count the last requested one covers, and when it was requested.
@@ -274,12 +280,12 @@ impl Checkpoints {
     /// Moves the checkpointer onto a thread of its own.
     pub(crate) fn start(&mut self, name: &str) -> io::Result<()> {
         let Some(mut checkpointer) = self.inline.take() else { return Ok(()) };
-        let (sender, requests) = mpsc::channel::<u64>();
+        let (sender, requests) = mpsc::channel::<Request>();
         let done = self.done.clone();
         let spawned = std::thread::Builder::new().name(format!("storage-ckpt-{name}")).spawn(move || {
             loop {
                 let (result, covered) = match requests.recv_timeout(DRAIN_EVERY) {
-                    Ok(seq) => (checkpointer.checkpoint(seq + 1), Some(seq)),
+                    Ok((seq, segment_bytes)) => (checkpointer.checkpoint(seq + 1, Some(segment_bytes)), Some(seq)),
                     Err(mpsc::RecvTimeoutError::Timeout) => (checkpointer.drain(), None),
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
@@ -311,15 +317,16 @@ impl Checkpoints {
     }
 
     /// Asks for a checkpoint covering every group up to `seq`, whose log records are all in
-    /// segments before `seq + 1`'s. Inline, runs it now; the error poisons the store.
-    pub(crate) fn request(&mut self, seq: u64) -> Result<(), String> {
+    /// segments before `seq + 1`'s, the last of which holds `segment_bytes` (the next is
+    /// expected to hold about as much). Inline, runs it now; the error poisons the store.
+    pub(crate) fn request(&mut self, seq: u64, segment_bytes: u64) -> Result<(), String> {
         self.requested = seq;
         self.requested_at = Instant::now();
         if let Some((sender, _)) = &self.thread {
-            return sender.send(seq).map_err(|_| "checkpoint thread is gone".to_owned());
+            return sender.send((seq, segment_bytes)).map_err(|_| "checkpoint thread is gone".to_owned());
         }
         if let Some(checkpointer) = &mut self.inline {
-            checkpointer.checkpoint(seq + 1).map_err(|e| format!("checkpoint: {e}"))?;
+            checkpointer.checkpoint(seq + 1, Some(segment_bytes)).map_err(|e| format!("checkpoint: {e}"))?;
             self.done.store(seq, Ordering::Release);
         }
         Ok(())

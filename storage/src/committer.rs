@@ -427,7 +427,7 @@ impl Syncer {
         let mut checkpointer = Checkpointer::new(db, shared.clone(), fsync)?;
         checkpointer.sync_at_open()?;
         let wal = Wal::start(&dir.join(WAL_DIR), commit_seq + 1)?;
-        wal::delete_before(&dir.join(WAL_DIR), commit_seq + 1)?;
+        wal::retire_before(&dir.join(WAL_DIR), commit_seq + 1, None)?;
         let label = shared.name.clone();
         Ok(Syncer {
             fsync_seconds: metrics::histogram!("storage_fsync_seconds", "store" => label.clone()),
@@ -648,11 +648,12 @@ impl Syncer {
         {
             return;
         }
+        let segment_bytes = self.wal.segment_bytes;
         let requested = self
             .wal
             .next_segment(self.durable_seq + 1)
             .map_err(|e| format!("start log segment in {}: {e}", self.dir.display()))
-            .and_then(|()| self.checkpoints.request(self.durable_seq));
+            .and_then(|()| self.checkpoints.request(self.durable_seq, segment_bytes));
         if let Err(cause) = requested {
             tracing::error!(store = %self.shared.name, error = %cause, "checkpoint failed; store poisoned");
             let _ = self.shared.poisoned.set(cause);
@@ -687,7 +688,7 @@ impl Syncer {
         let first_kept = self.durable_seq + 1;
         self.wal.next_segment(first_kept).map_err(|e| self.shared.io_error("close", e))?;
         let checkpointer = self.checkpoints.stop().map_err(|cause| self.shared.io_error("close", cause))?;
-        checkpointer.checkpoint(first_kept).map_err(|e| self.shared.io_error("close", e))?;
+        checkpointer.checkpoint(first_kept, None).map_err(|e| self.shared.io_error("close", e))?;
         crate::store::write_sentinel(&self.dir, self.durable_seq).map_err(|e| self.shared.io_error("close", e))?;
         self.shared.fsyncs.fetch_add(2, Ordering::Relaxed);
         self.sentinel = (self.durable_seq, Instant::now());

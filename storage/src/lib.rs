@@ -17,7 +17,8 @@
 //! - `buffer`: the write buffer, where writes land instead of sled; reads look there first.
 //!   Every 100 ms the checkpoint thread (`checkpoint`) moves it into sled, so keys removed soon
 //!   after they were written never reach sled; twice a second it also flushes sled, fsyncs its
-//!   files and deletes the log segments they now cover.
+//!   files and retires the log segments they now cover (one becomes the zero-filled spare the
+//!   next segment is written over).
 //! - `wal`: the write-ahead log (`<dir>/wal/`), checksummed records of commit groups, replayed
 //!   at open over what sled recovered (each move into sled writes the last group's number,
 //!   `m\0commit_seq`, last). Why our own log: sled 0.34 makes a batch durable only through its
