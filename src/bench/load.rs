@@ -204,6 +204,13 @@ pub async fn run(
     watcher_tokens: &[String],
     customer_tokens: &[String],
 ) -> anyhow::Result<Summary> {
+    if watcher_tokens.len() < plan.batched_waiters() {
+        bail!(
+            "{} batched waiters need at least as many watcher tokens, got {}",
+            plan.batched_waiters(),
+            watcher_tokens.len()
+        );
+    }
     let client = client(plan)?;
     for target in &plan.targets {
         check_reachable(&client, target).await?;
@@ -638,8 +645,9 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
         ctx.stats.polls.fetch_add(1, Relaxed);
+        let subject = subjects[turn % subjects.len()];
         turn += 1;
-        let answer = wait_for_any(&ctx.gateways[gateway], subjects[turn % subjects.len()], &body).await;
+        let answer = wait_for_any(&ctx.gateways[gateway], subject, &body).await;
         let mut open = Vec::new();
         match answer {
             Ok(waited) => {

@@ -53,6 +53,7 @@ const MAX_SKUS: u32 = 100_000;
 const MAX_RATE: f64 = 1_000_000.0;
 const MAX_GRACE: Duration = Duration::from_secs(600);
 const MAX_WARMUP: Duration = Duration::from_secs(3600);
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_CONCURRENCY: u32 = 64;
 /// Subjects each batched waiter waits as, in turn (see `run`).
 const WATCHER_SUBJECTS_PER_WAITER: usize = 4;
@@ -69,6 +70,7 @@ pub struct BenchArgs {
     duration: Duration,
     /// Send the same load this long first and count none of it, so the figures are those of a
     /// warm server and generator (memory grown, connections open) rather than of their start.
+    /// The measured window starts once the warm-up's orders have ended (within --grace).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Open loop: place N orders per second on a fixed schedule; latency counts from each
@@ -173,6 +175,9 @@ impl BenchArgs {
         }
         if self.duration.is_zero() {
             return Err("--duration must be greater than 0".into());
+        }
+        if self.duration > MAX_DURATION {
+            return Err(format!("--duration must be at most {}", humantime::format_duration(MAX_DURATION)));
         }
         if self.warmup > MAX_WARMUP {
             return Err(format!("--warmup must be at most {}", humantime::format_duration(MAX_WARMUP)));
@@ -396,6 +401,8 @@ mod tests {
         assert!(err.contains("--grace"), "{err}");
         assert!(parse(&["--target", "http://h:1", "--grace", "0s"]).is_ok(), "no grace is allowed");
         assert_eq!(parse(&["--target", "http://h:1", "--warmup", "5s"]).unwrap().warmup, Duration::from_secs(5));
+        let err = parse(&["--target", "http://h:1", "--duration", "30days"]).unwrap_err();
+        assert!(err.contains("--duration must be at most"), "{err}");
         let err = parse(&["--target", "http://h:1", "--warmup", "2h"]).unwrap_err();
         assert!(err.contains("--warmup"), "{err}");
     }

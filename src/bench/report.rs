@@ -330,6 +330,7 @@ impl Summary {
         object.insert("elapsed_s".into(), json!(round3(self.elapsed.as_secs_f64())));
         object.insert("warmup_s".into(), json!(round3(self.warmup.map_or(0.0, |w| w.duration.as_secs_f64()))));
         object.insert("warmup_placed".into(), json!(self.warmup.map_or(0, |w| w.placed)));
+        object.insert("warmup_errors".into(), json!(self.warmup.map_or(0, |w| w.errors)));
         object.insert("customers".into(), json!(self.customers));
         object.insert("skus".into(), json!(self.skus));
         object.insert("pollers".into(), json!(self.pollers));
@@ -468,6 +469,20 @@ mod tests {
             poll_wait: None,
             generator_cpu: Some(Duration::from_secs(10)),
         }
+    }
+
+    #[test]
+    fn a_warm_up_is_reported_apart() {
+        let cold = summary(Mode::Closed { concurrency: 64 });
+        assert!(!cold.table().contains("warm-up"));
+        assert_eq!((cold.json()["warmup_s"].clone(), cold.json()["warmup_placed"].clone()), (json!(0.0), json!(0)));
+        let warm =
+            Summary { warmup: Some(Warmup { duration: Duration::from_secs(5), placed: 12_345, errors: 2 }), ..cold };
+        assert!(warm.table().contains("warm-up      5.0 s before it, not counted (12345 orders placed, 2 errors)"));
+        let json = warm.json();
+        assert_eq!((json["warmup_s"].clone(), json["warmup_placed"].clone()), (json!(5.0), json!(12_345)));
+        assert_eq!(json["warmup_errors"], 2);
+        assert_eq!(json["placed"], 40_000, "the measured window's counts are its own");
     }
 
     #[test]

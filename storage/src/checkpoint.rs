@@ -1,5 +1,6 @@
 //! Checkpoints: writing the write buffer into sled and making sled's own files durable, after
-//! which the write-ahead log before that point is redundant and deleted.
+//! which the write-ahead log before that point is redundant and retired (one segment becomes
+//! the next one's zero-filled spare, the rest are deleted).
 //!
 //! Why a thread of its own: a checkpoint's fsync of sled's file writes back everything sled wrote
 //! since the last one (tens of MiB under load) and took hundreds of milliseconds; done by the

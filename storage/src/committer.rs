@@ -59,7 +59,7 @@ use crate::wal::{self, Change, WAL_DIR, Wal, WalRecord};
 const SENTINEL_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the syncer checkpoints: flushes sled and fsyncs its files, after which the
-/// write-ahead log up to that point is redundant and deleted. Bounds the log's size and the
+/// write-ahead log up to that point is redundant and retired. Bounds the log's size and the
 /// replay at open; sled writes its full buffers by itself meanwhile.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -637,7 +637,8 @@ impl Syncer {
 
     /// Asks for a checkpoint when it is time (or the log grew large), something is only in the
     /// log, and no checkpoint is running. New records go to a new segment from here on; the
-    /// checkpoint deletes the older ones once sled's files hold what they held.
+    /// checkpoint retires the older ones once sled's files hold what they held, making the
+    /// spare of the segment after this one from them, sized by this one's `segment_bytes`.
     fn maybe_checkpoint(&mut self) {
         let checkpoints = &self.checkpoints;
         let due = checkpoints.requested_at.elapsed() >= CHECKPOINT_EVERY || self.wal.segment_bytes >= CHECKPOINT_BYTES;

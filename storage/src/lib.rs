@@ -54,7 +54,8 @@
 //! durable (`m\0commit_seq` counts them inside the database). sled recovers a log that has a
 //! corrupt record as if the log ended there, silently; so opening a store whose database lacks the
 //! `m\0layout` marker, or holds fewer commit groups (after the log's replay) than the sentinel
-//! file says, or whose log has a gap or a damaged record before its tail, is an error
+//! file says, or whose log has a gap or a damaged record before its tail (other than a torn
+//! last round, see `wal::replay`), is an error
 //! instead of a silently empty or shorter store.
 
 mod buffer;

@@ -22,13 +22,15 @@
 //! this machine's disk: 4,800 syncs/s appending, 7,600 overwriting; the machine's CPU per sync
 //! halved). So a segment ends where its zeros begin, and a round's write can be torn in a new
 //! way: the disk may keep a later sector of it and not an earlier one, leaving zeros between
-//! records (see `replay`).
+//! records (see `replay`). Each round's write is padded with zeros to a 512-byte sector
+//! boundary, so a round never shares a sector with the acknowledged one before it and a lost
+//! sector of it reads as a whole sector of zeros.
 //!
 //! Recovery (see `Store::open`): sled recovers some prefix of what was moved into it (each move
 //! of the write buffer writes the number of its last group, `m\0commit_seq`, after everything
 //! else); every record with a higher sequence number is applied again, in order. A checkpoint
 //! (move, sled flush, fsync of its files) makes the records up to it redundant, so the log then
-//! starts a new segment and deletes the older ones.
+//! starts a new segment and retires the older ones.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -66,8 +68,9 @@ const SPARE: &str = "spare";
 const SPARE_TMP: &str = "spare.tmp";
 /// The smallest spare, and the unit spares are sized in.
 const SPARE_UNIT: u64 = 1024 * 1024;
-/// The largest spare (a segment this large is checkpointed early anyway).
-const SPARE_MAX: u64 = 64 * 1024 * 1024;
+/// The largest spare: room past the 64 MiB at which the syncer checkpoints early
+/// (`committer::CHECKPOINT_BYTES`) for the rounds until it switches segments.
+const SPARE_MAX: u64 = 80 * 1024 * 1024;
 /// A disk writes whole sectors: one of zeros inside a write that was cut short is a sector the
 /// disk had not written yet.
 const SECTOR: usize = 512;
@@ -146,10 +149,13 @@ impl Wal {
     }
 
     /// Appends framed records (written, not yet synced) with one `write`: a round carries tens
-    /// of records, and one `write` each cost about 4% of `ordermesh dev`'s CPU under load.
+    /// of records, and one `write` each cost about 4% of `ordermesh dev`'s CPU under load. The
+    /// write is padded with zeros to a sector boundary (see the module's doc).
     pub(crate) fn append<'a>(&mut self, records: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
         self.batch.clear();
         records.into_iter().for_each(|framed| self.batch.extend_from_slice(framed));
+        let end = self.segment_bytes as usize + self.batch.len();
+        self.batch.resize(self.batch.len() + (end.next_multiple_of(SECTOR) - end), 0);
         self.file.write_all(&self.batch)?;
         self.segment_bytes += self.batch.len() as u64;
         if self.batch.capacity() > BATCH_KEPT {
@@ -158,7 +164,7 @@ impl Wal {
         Ok(())
     }
 
-    /// `fdatasync`: the appended bytes and the file's size, not its mtime.
+    /// `fdatasync`: the written bytes (and the file's size if it grew), not its mtime.
     pub(crate) fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -167,10 +173,11 @@ impl Wal {
 /// Retires the segments older than the one starting at `first_seq`: the caller guarantees that
 /// everything before `first_seq` is durable elsewhere (in sled's files, after a checkpoint).
 ///
-/// With `next_segment_bytes` (what the segment in use is expected to reach) and no spare yet,
-/// the newest retired segment becomes the spare instead of being deleted: zero-filled to that
-/// size (rounded up to a MiB, at most 64 MiB) and synced, in its own blocks. The others are
-/// deleted.
+/// With `next_segment_bytes` (the size of the segment last closed: the spare will hold the one
+/// after the segment in use) and no spare yet, the newest retired segment becomes the spare
+/// instead of being deleted: zero-filled to that size and a quarter (in whole MiB, at most
+/// `SPARE_MAX`) and synced, in its own blocks. The others are deleted. Making the spare is
+/// best effort: when it fails (a full disk), the next segment is appended to as before.
 pub(crate) fn retire_before(dir: &Path, first_seq: u64, next_segment_bytes: Option<u64>) -> io::Result<()> {
     let mut retired: Vec<PathBuf> =
         segments(dir)?.into_iter().filter(|(first, _)| *first < first_seq).map(|(_, path)| path).collect();
@@ -190,12 +197,21 @@ pub(crate) fn retire_before(dir: &Path, first_seq: u64, next_segment_bytes: Opti
         fs::File::open(dir)?.sync_all()?;
     }
     if let Some((_, bytes)) = recycled {
-        let size = bytes.saturating_add(bytes / 4).div_ceil(SPARE_UNIT).clamp(1, SPARE_MAX / SPARE_UNIT) * SPARE_UNIT;
-        zero_fill(&dir.join(SPARE_TMP), size)?;
+        let size = spare_size(bytes);
         // No directory sync: a spare lost in a crash is only a segment that appends.
-        fs::rename(dir.join(SPARE_TMP), dir.join(SPARE))?;
+        let made =
+            zero_fill(&dir.join(SPARE_TMP), size).and_then(|()| fs::rename(dir.join(SPARE_TMP), dir.join(SPARE)));
+        if let Err(e) = made {
+            tracing::warn!(dir = %dir.display(), size, error = %e, "cannot make a spare log segment; the next one appends");
+            let _ = fs::remove_file(dir.join(SPARE_TMP));
+        }
     }
     Ok(())
+}
+
+/// A spare for segments of about `bytes`: a quarter more, in whole MiB, 1 to `SPARE_MAX`.
+fn spare_size(bytes: u64) -> u64 {
+    bytes.saturating_add(bytes / 4).div_ceil(SPARE_UNIT).clamp(1, SPARE_MAX / SPARE_UNIT) * SPARE_UNIT
 }
 
 /// Writes `size` zero bytes over the file at `path` from its start (real writes, not a hole
@@ -230,9 +246,15 @@ pub(crate) enum ReplayError {
 /// Reads every record of the log in `dir` with `seq > after`, in order, and hands each to
 /// `apply`. Returns the seq of the last record applied (or `after`).
 ///
-/// A record that is cut short or fails its checksum at the very end of the newest segment is a
-/// write the crash interrupted: it was never acknowledged (acks wait for the sync), so it is
-/// ignored. Anywhere else it is damage, and so is a gap in the sequence.
+/// Zeros end a segment: to the file's end they are the spare it was written over, and up to the
+/// next sector boundary they pad a round. A segment whose successor starts at or before
+/// `after + 1` holds nothing to replay and is not read.
+///
+/// A record that is cut short or fails its checksum at the end of the newest segment is a write
+/// the crash interrupted: it was never acknowledged (acks wait for the sync), so it is ignored,
+/// and so is one followed by a whole sector of zeros before later records (the disk kept later
+/// sectors of the last round and not that one: [`holds_unwritten_sector`]). Anywhere else it is
+/// damage, and so is a gap in the sequence.
 pub(crate) fn replay(
     dir: &Path,
     after: u64,
@@ -243,6 +265,9 @@ pub(crate) fn replay(
     let count = segments.len();
     for (i, (_, path)) in segments.iter().enumerate() {
         let newest = i + 1 == count;
+        if segments.get(i + 1).is_some_and(|(next_first, _)| *next_first <= after.saturating_add(1)) {
+            continue; // every record in it is already in sled
+        }
         let mut bytes = Vec::new();
         fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(ReplayError::Io)?;
         let mut at = 0usize;
@@ -258,8 +283,13 @@ pub(crate) fn replay(
                 }
                 // The zeros the segment was written over: its end.
                 Frame::Torn if bytes[at..].iter().all(|b| *b == 0) => break,
+                // A round's padding.
+                Frame::Torn if is_padding(&bytes, at) => {
+                    at = at.next_multiple_of(SECTOR);
+                    continue;
+                }
                 Frame::Torn if newest => {
-                    if tail_is_unreadable(&bytes[at..]) || holds_unwritten_sector(&bytes, at) {
+                    if tail_is_unreadable(&bytes, at) || holds_unwritten_sector(&bytes, at) {
                         tracing::warn!(path = %path.display(), at, "ignoring the torn tail of the log (never acknowledged)");
                         break;
                     }
@@ -280,11 +310,26 @@ pub(crate) fn replay(
     Ok(last)
 }
 
-/// After a bad frame in the newest segment: is the rest just the remains of one interrupted
-/// write (no complete, valid record follows)? A valid record after it means the bad one was
-/// damaged in place, and acknowledged records follow.
-fn tail_is_unreadable(rest: &[u8]) -> bool {
-    (1..rest.len()).all(|skip| !matches!(read_frame(&rest[skip..]), Frame::Record { .. }))
+/// Zeros from `at` (not on a sector boundary) to the next boundary, with more after it.
+fn is_padding(bytes: &[u8], at: usize) -> bool {
+    let boundary = at.next_multiple_of(SECTOR);
+    boundary > at && boundary < bytes.len() && bytes[at..boundary].iter().all(|b| *b == 0)
+}
+
+/// The end of the last non-zero byte (0 if there is none).
+fn written_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1)
+}
+
+/// After a bad frame at `at` in the newest segment: is the rest just the remains of one
+/// interrupted write (no complete, valid record follows)? A valid record after it means the bad
+/// one was damaged in place, and acknowledged records follow. Only frames that start before the
+/// last non-zero byte and end within a sector after it are tried: a spare's megabytes of zeros
+/// hold none, and a length read from torn bytes must not send a checksum over them.
+fn tail_is_unreadable(bytes: &[u8], at: usize) -> bool {
+    let end = written_end(bytes);
+    let rest = &bytes[at..(end + SECTOR).min(bytes.len())];
+    (1..end.saturating_sub(at)).all(|skip| !matches!(read_frame(&rest[skip..]), Frame::Record { .. }))
 }
 
 /// After a bad frame at `at` in the newest segment: is there a whole sector of zeros between it
@@ -295,7 +340,7 @@ fn tail_is_unreadable(rest: &[u8]) -> bool {
 /// pass for this too, and the records after it would be dropped; the store's sentinel count
 /// still catches a loss of more than about a second of commits.
 fn holds_unwritten_sector(bytes: &[u8], at: usize) -> bool {
-    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1);
+    let end = written_end(bytes);
     let first = at.div_ceil(SECTOR) * SECTOR;
     (first..end.saturating_sub(SECTOR - 1))
         .step_by(SECTOR)
@@ -340,9 +385,21 @@ mod tests {
         for round in frames.chunks(3) {
             wal.append(round.iter().map(Vec::as_slice)).unwrap();
         }
-        assert_eq!(wal.segment_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
+        let framed = frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        assert!(
+            wal.segment_bytes >= framed && wal.segment_bytes.is_multiple_of(SECTOR as u64),
+            "rounds padded to sectors"
+        );
         wal.sync().unwrap();
         dir.join(segment_name(first))
+    }
+
+    /// A segment as records appended back to back (no padding), as older builds wrote them.
+    fn raw(dir: &Path, first: u64, seqs: impl IntoIterator<Item = u64>) -> PathBuf {
+        let path = dir.join(segment_name(first));
+        fs::write(&path, seqs.into_iter().map(|seq| frame(&record(seq)).unwrap()).collect::<Vec<_>>().concat())
+            .unwrap();
+        path
     }
 
     fn replayed(dir: &Path, after: u64) -> Result<Vec<u64>, ReplayError> {
@@ -379,7 +436,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), 1, 1..=3);
+        let path = raw(dir.path(), 1, 1..=3);
         let full = fs::read(&path).unwrap();
         let one = frame(&record(3)).unwrap().len();
         for cut in [1, FRAME_HEADER - 1, FRAME_HEADER + 3, one - 1] {
@@ -406,7 +463,7 @@ mod tests {
     #[test]
     fn damage_in_an_older_segment_is_an_error_even_at_its_end() {
         let dir = tempfile::tempdir().unwrap();
-        let old = write(dir.path(), 1, 1..=2);
+        let old = raw(dir.path(), 1, 1..=2);
         let saved = fs::read(&old).unwrap();
         write(dir.path(), 3, 3..=4);
         fs::write(&old, &saved[..saved.len() - 1]).unwrap();
@@ -451,25 +508,63 @@ mod tests {
         assert_eq!(segments(dir.path()).unwrap().len(), 1, "the other retired segment is deleted");
     }
 
+    /// A segment written over a spare: rounds of big records, padded, then zeros.
+    fn over_zeros(dir: &Path, rounds: &[&[u64]]) -> (PathBuf, Vec<usize>) {
+        let mut wal = Wal::start(dir, rounds[0][0]).unwrap();
+        let mut starts = vec![];
+        for round in rounds {
+            starts.push(wal.segment_bytes as usize);
+            let frames: Vec<Vec<u8>> = round.iter().map(|seq| frame(&big(*seq)).unwrap()).collect();
+            wal.append(frames.iter().map(Vec::as_slice)).unwrap();
+        }
+        let path = dir.join(segment_name(rounds[0][0]));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.resize(bytes.len() + 8192, 0);
+        fs::write(&path, &bytes).unwrap();
+        (path, starts)
+    }
+
     #[test]
     fn a_write_into_zeros_cut_short_out_of_order_is_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(segment_name(1));
-        let frames: Vec<Vec<u8>> = (1..=4).map(|seq| frame(&big(seq)).unwrap()).collect();
-        let mut bytes: Vec<u8> = frames.concat();
-        let written = bytes.len();
-        bytes.resize(written + 8192, 0);
-        // The disk kept the last round's (records 3 and 4) later sectors but not its first one.
-        let round = frames[0].len() + frames[1].len();
-        let first_sector = round.div_ceil(SECTOR) * SECTOR;
-        bytes[first_sector..first_sector + SECTOR].fill(0);
+        let (path, starts) = over_zeros(dir.path(), &[&[1, 2], &[3, 4]]);
+        // The disk kept the last round's later sectors but not its first one.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[starts[1]..starts[1] + SECTOR].fill(0);
         fs::write(&path, &bytes).unwrap();
-        let seen = replayed(dir.path(), 0).unwrap();
-        assert!(seen == vec![1, 2] || seen == vec![1, 2, 3], "{seen:?}");
+        assert_eq!(replayed(dir.path(), 0).unwrap(), vec![1, 2]);
 
         // The same hole in an older segment is damage: a later segment was written after it.
         Wal::start(dir.path(), 5).unwrap();
         assert!(matches!(replayed(dir.path(), 0), Err(ReplayError::Damaged(_))));
+        // Unless that segment is covered by what sled holds: then it is not read at all.
+        assert_eq!(replayed(dir.path(), 4).unwrap(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_write_into_zeros_cut_short_in_order_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, starts) = over_zeros(dir.path(), &[&[1, 2], &[3, 4]]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[starts[1] + 1000..].fill(0); // record 3 half written, nothing after it
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(replayed(dir.path(), 0).unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn padding_between_rounds_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, starts) = over_zeros(dir.path(), &[&[1], &[2, 3], &[4]]);
+        assert!(starts.iter().all(|s| s.is_multiple_of(SECTOR)), "{starts:?}");
+        assert_eq!(replayed(dir.path(), 0).unwrap(), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn spares_are_a_quarter_larger_in_whole_mib_up_to_a_bound() {
+        assert_eq!(spare_size(0), SPARE_UNIT);
+        assert_eq!(spare_size(3 * SPARE_UNIT), 4 * SPARE_UNIT);
+        assert_eq!(spare_size(4 * SPARE_UNIT + 1), 6 * SPARE_UNIT);
+        assert_eq!(spare_size(u64::MAX), SPARE_MAX);
     }
 
     #[test]
