@@ -38,6 +38,8 @@ where
     let notify = store.outbox_notify();
     let mut cursor: Option<u64> = None;
     let mut in_flight = JoinSet::new();
+    // Looked up once, not per delivery.
+    let delivered = metrics::counter!("outbox_delivered_total", "relay" => options.name);
     loop {
         // Register interest before reading, so a commit between the read and the wait is
         // not missed.
@@ -69,6 +71,7 @@ where
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
             let (deliver, store, backoff, name) = (deliver.clone(), store.clone(), options.backoff, options.name);
             let mut shutdown = shutdown.clone();
+            let delivered = delivered.clone();
             in_flight.spawn(async move {
                 let _permit = permit;
                 let id = entry.id;
@@ -90,7 +93,7 @@ where
                 if let Err(err) = store.outbox_ack(&[id]) {
                     tracing::warn!(relay = name, id, error = %err, "cannot ack outbox entry; it will be redelivered");
                 }
-                metrics::counter!("outbox_delivered_total", "relay" => name).increment(1);
+                delivered.increment(1);
             });
             while in_flight.try_join_next().is_some() {}
         }

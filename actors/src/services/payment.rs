@@ -209,14 +209,13 @@ impl PaymentEntity {
             ..WriteBatch::default()
         };
         for (i, event) in events.iter().enumerate() {
-            let outcome = match event {
-                PaymentEvent::Captured { .. } => PaymentOutcome::Captured,
-                PaymentEvent::Declined { .. } => PaymentOutcome::Declined,
-                PaymentEvent::Failed { .. } => PaymentOutcome::Failed,
+            let (outcome, label) = match event {
+                PaymentEvent::Captured { .. } => (PaymentOutcome::Captured, "captured"),
+                PaymentEvent::Declined { .. } => (PaymentOutcome::Declined, "declined"),
+                PaymentEvent::Failed { .. } => (PaymentOutcome::Failed, "failed"),
                 _ => continue,
             };
-            metrics::counter!("payments_settled_total", "outcome" => format!("{outcome:?}").to_lowercase())
-                .increment(1);
+            metrics::counter!("payments_settled_total", "outcome" => label).increment(1);
             // A cancelled order is not waiting for the verdict; the refund follows instead.
             if after.as_ref().is_some_and(|p| !p.cancel_requested) {
                 let seq = before_version + i as u64 + 1;
