@@ -60,16 +60,8 @@ const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 
 /// What every sending and polling task shares.
 struct Ctx {
-    /// For the per-order polls (`--poll`, `--long-poll`).
-    client: Client,
-    /// Each target gateway, for orders and batched waits; order `i` goes to `i % len`.
-    gateways: Arc<[Gateway]>,
-    /// `.../v1/orders` of each target gateway.
-    orders_urls: Vec<Url>,
-    /// `Bearer ...` per customer.
-    tokens: Vec<HeaderValue>,
-    /// The JSON body of an order for each sku.
-    bodies: Vec<Bytes>,
+    /// What every phase of the run shares.
+    clients: Arc<Clients>,
     stats: Stats,
     /// Open loop: POST requests in flight.
     in_flight: Arc<Semaphore>,
@@ -82,10 +74,6 @@ struct Ctx {
     tracked: Arc<Semaphore>,
     /// Batched waits: per gateway, the accepted orders no waiter holds yet.
     unwatched: Vec<Unwatched>,
-    /// `Bearer ...` of the admins the batched waiters wait as (waits name every customer's
-    /// orders); waiter `i` of `waiters` uses every `waiters`-th from the `i`-th.
-    watchers: Vec<HeaderValue>,
-    waiters: usize,
     next_order: AtomicU64,
     /// End of the grace period: no polling after it.
     hard_deadline: Instant,
@@ -188,11 +176,18 @@ enum Failure {
 /// What the phases of a run share: the clients (so the warm-up's kept-alive connections
 /// carry the measured load) and what each request is made of.
 struct Clients {
+    /// For the per-order polls (`--poll`, `--long-poll`).
     client: Client,
-    gateways: Arc<[Gateway]>,
+    /// Each target gateway, for orders and batched waits; order `i` goes to `i % len`.
+    gateways: Vec<Gateway>,
+    /// `.../v1/orders` of each target gateway.
     orders_urls: Vec<Url>,
+    /// `Bearer ...` per customer.
     tokens: Vec<HeaderValue>,
+    /// The JSON body of an order for each sku.
     bodies: Vec<Bytes>,
+    /// `Bearer ...` of the admins the batched waiters wait as (waits name every customer's
+    /// orders); waiter `i` of `n` waits as every `n`-th from the `i`-th, in turn.
     watchers: Vec<HeaderValue>,
 }
 
@@ -220,14 +215,14 @@ pub async fn run(
 
     let gateways =
         plan.targets.iter().map(|target| Gateway::new(target, plan.timeout)).collect::<anyhow::Result<Vec<_>>>()?;
-    let clients = Clients {
+    let clients = Arc::new(Clients {
         client,
-        gateways: gateways.into(),
+        gateways,
         orders_urls: join_each(&plan.targets, "v1/orders")?,
         tokens: bearers(customer_tokens)?,
         bodies: (0..plan.skus).map(|sku| Bytes::from(order_body(sku, &plan.payment_token))).collect(),
         watchers: bearers(watcher_tokens)?,
-    };
+    });
     let warmup = if plan.warmup.is_zero() {
         None
     } else {
@@ -238,16 +233,12 @@ pub async fn run(
 }
 
 /// Sends orders for `duration` and follows them until confirmed (or the grace period ends).
-async fn phase(plan: &Plan, clients: &Clients, duration: Duration, label: &'static str) -> Summary {
+async fn phase(plan: &Plan, clients: &Arc<Clients>, duration: Duration, label: &'static str) -> Summary {
     let cpu_before = cpu_time();
     let start = Instant::now();
     let end = start + duration;
     let ctx = Arc::new(Ctx {
-        client: clients.client.clone(),
-        gateways: clients.gateways.clone(),
-        orders_urls: clients.orders_urls.clone(),
-        tokens: clients.tokens.clone(),
-        bodies: clients.bodies.clone(),
+        clients: clients.clone(),
         stats: Stats::new(),
         in_flight: Arc::new(Semaphore::new(plan.max_in_flight as usize)),
         max_in_flight: plan.max_in_flight as usize,
@@ -261,16 +252,20 @@ async fn phase(plan: &Plan, clients: &Clients, duration: Duration, label: &'stat
         },
         tracked: Arc::new(Semaphore::new(MAX_TRACKED as usize)),
         unwatched: plan.targets.iter().map(|_| Unwatched::default()).collect(),
-        watchers: clients.watchers.clone(),
-        waiters: plan.batched_waiters(),
         next_order: AtomicU64::new(0),
         hard_deadline: end + plan.grace,
     });
     let progress = Progress::start(ctx.clone(), start, duration, label);
     let waiters: Vec<JoinHandle<()>> = match ctx.polling {
-        Polling::Batched { wait } => (0..plan.batched_waiters())
-            .map(|i| tokio::spawn(batched_waiter(ctx.clone(), i, i % plan.targets.len(), wait)))
-            .collect(),
+        Polling::Batched { wait } => {
+            let waiters = plan.batched_waiters();
+            (0..waiters)
+                .map(|i| {
+                    let subjects = clients.watchers.iter().skip(i).step_by(waiters).cloned().collect();
+                    tokio::spawn(batched_waiter(ctx.clone(), subjects, i % plan.targets.len(), wait))
+                })
+                .collect()
+        }
         _ => Vec::new(),
     };
 
@@ -564,11 +559,13 @@ async fn closed_loop_worker(ctx: Arc<Ctx>, end: Instant) {
 
 /// `POST /v1/orders` for order number `i`; latency counts from `intended`.
 async fn place(ctx: &Ctx, i: u64, intended: Instant) -> Result<Accepted, Failure> {
-    let customer = (i % ctx.tokens.len() as u64) as usize;
-    let gateway = (i % ctx.gateways.len() as u64) as usize;
-    let sku = rand::random_range(0..ctx.bodies.len());
+    let clients = &ctx.clients;
+    let customer = (i % clients.tokens.len() as u64) as usize;
+    let gateway = (i % clients.gateways.len() as u64) as usize;
+    let sku = rand::random_range(0..clients.bodies.len());
     ctx.stats.sent.fetch_add(1, Relaxed);
-    let sent = ctx.gateways[gateway].post_json(ORDERS_PATH, &ctx.tokens[customer], ctx.bodies[sku].clone()).await;
+    let sent =
+        clients.gateways[gateway].post_json(ORDERS_PATH, &clients.tokens[customer], clients.bodies[sku].clone()).await;
     let Ok(Answer { status, body }) = sent else {
         ctx.stats.transport_errors.fetch_add(1, Relaxed);
         ctx.stats.errors.fetch_add(1, Relaxed);
@@ -620,10 +617,9 @@ const MAX_WAIT_IDS: usize = 64;
 
 /// One batched waiter of `gateway`: takes the orders no waiter holds, waits until one of them
 /// ends, counts those that ended and puts the rest back, until the grace period is over.
-async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Duration) {
+async fn batched_waiter(ctx: Arc<Ctx>, subjects: Vec<HeaderValue>, gateway: usize, wait: Duration) {
     let unwatched = &ctx.unwatched[gateway];
-    // This waiter's subjects take turns (see `WATCHER_SUBJECTS_PER_WAITER`).
-    let subjects: Vec<&HeaderValue> = ctx.watchers.iter().skip(waiter).step_by(ctx.waiters).collect();
+    // The subjects take turns (see `WATCHER_SUBJECTS_PER_WAITER`).
     let mut turn = 0;
     loop {
         // The oldest first: taking the newest would leave the oldest waiting for a free waiter.
@@ -645,9 +641,9 @@ async fn batched_waiter(ctx: Arc<Ctx>, waiter: usize, gateway: usize, wait: Dura
         let ids: Vec<&str> = batch.iter().map(|(order, _)| order.id.as_str()).collect();
         let body = serde_json::json!({"ids": ids, "wait_ms": wait.min(left).as_millis() as u64});
         ctx.stats.polls.fetch_add(1, Relaxed);
-        let subject = subjects[turn % subjects.len()];
+        let subject = &subjects[turn % subjects.len()];
         turn += 1;
-        let answer = wait_for_any(&ctx.gateways[gateway], subject, &body).await;
+        let answer = wait_for_any(&ctx.clients.gateways[gateway], subject, &body).await;
         let mut open = Vec::new();
         match answer {
             Ok(waited) => {
@@ -714,8 +710,8 @@ async fn wait_for_any(
 /// latency is taken when the answer that shows `confirmed` arrives: late by the wait for a
 /// poller slot (reported as `poll_wait`), one trip, and with `--poll` up to one interval.
 async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
-    let base = format!("{}/{}", ctx.orders_urls[order.gateway], order.id);
-    let token = &ctx.tokens[order.customer];
+    let base = format!("{}/{}", ctx.clients.orders_urls[order.gateway], order.id);
+    let token = &ctx.clients.tokens[order.customer];
     let mut interval = POLL_FIRST;
     loop {
         if Instant::now() >= ctx.hard_deadline {
@@ -764,7 +760,7 @@ async fn track(ctx: &Ctx, order: Accepted, _slot: OwnedSemaphorePermit) {
 
 /// The order's status, or the error status (`None`: no HTTP answer or an unreadable one).
 async fn poll(ctx: &Ctx, url: &str, token: &HeaderValue) -> Result<OrderStatus, Option<StatusCode>> {
-    let response = ctx.client.get(url).header(AUTHORIZATION, token.clone()).send().await.map_err(|_| None)?;
+    let response = ctx.clients.client.get(url).header(AUTHORIZATION, token.clone()).send().await.map_err(|_| None)?;
     let status = response.status();
     let body = response.bytes().await.map_err(|_| None)?;
     if status != StatusCode::OK {

@@ -270,6 +270,8 @@ pub(crate) fn replay(
         }
         let mut bytes = Vec::new();
         fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(ReplayError::Io)?;
+        // Where the written bytes end: zeros (a spare's) follow.
+        let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1);
         let mut at = 0usize;
         while at < bytes.len() {
             let start = at;
@@ -282,14 +284,17 @@ pub(crate) fn replay(
                     record
                 }
                 // The zeros the segment was written over: its end.
-                Frame::Torn if bytes[at..].iter().all(|b| *b == 0) => break,
-                // A round's padding.
-                Frame::Torn if is_padding(&bytes, at) => {
+                Frame::Torn if at >= end => break,
+                // A round's padding: zeros to the next sector boundary, written bytes after it.
+                Frame::Torn
+                    if !at.is_multiple_of(SECTOR)
+                        && bytes[at..at.next_multiple_of(SECTOR).min(end)].iter().all(|b| *b == 0) =>
+                {
                     at = at.next_multiple_of(SECTOR);
                     continue;
                 }
                 Frame::Torn if newest => {
-                    if tail_is_unreadable(&bytes, at) || holds_unwritten_sector(&bytes, at) {
+                    if tail_is_unreadable(&bytes, at, end) || holds_unwritten_sector(&bytes, at, end) {
                         tracing::warn!(path = %path.display(), at, "ignoring the torn tail of the log (never acknowledged)");
                         break;
                     }
@@ -298,7 +303,7 @@ pub(crate) fn replay(
                 Frame::Torn => return Err(damaged("damaged record")),
             };
             if record.seq <= last {
-                continue; // already in sled (or an older segment not yet deleted)
+                continue; // already in sled (or an older segment not yet retired)
             }
             if record.seq != last + 1 {
                 return Err(damaged(&format!("gap in the log: expected group {}, found {}", last + 1, record.seq)));
@@ -310,39 +315,26 @@ pub(crate) fn replay(
     Ok(last)
 }
 
-/// Zeros from `at` (not on a sector boundary) to the next boundary, with more after it.
-fn is_padding(bytes: &[u8], at: usize) -> bool {
-    let boundary = at.next_multiple_of(SECTOR);
-    boundary > at && boundary < bytes.len() && bytes[at..boundary].iter().all(|b| *b == 0)
-}
-
-/// The end of the last non-zero byte (0 if there is none).
-fn written_end(bytes: &[u8]) -> usize {
-    bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1)
-}
-
 /// After a bad frame at `at` in the newest segment: is the rest just the remains of one
 /// interrupted write (no complete, valid record follows)? A valid record after it means the bad
-/// one was damaged in place, and acknowledged records follow. Only frames that start before the
-/// last non-zero byte and end within a sector after it are tried: a spare's megabytes of zeros
-/// hold none, and a length read from torn bytes must not send a checksum over them.
-fn tail_is_unreadable(bytes: &[u8], at: usize) -> bool {
-    let end = written_end(bytes);
+/// one was damaged in place, and acknowledged records follow. Only frames that start before
+/// `end` (the last non-zero byte) and end within a sector after it are tried: a spare's
+/// megabytes of zeros hold none, and a length read from torn bytes must not send a checksum
+/// over them.
+fn tail_is_unreadable(bytes: &[u8], at: usize, end: usize) -> bool {
     let rest = &bytes[at..(end + SECTOR).min(bytes.len())];
     (1..end.saturating_sub(at)).all(|skip| !matches!(read_frame(&rest[skip..]), Frame::Record { .. }))
 }
 
 /// After a bad frame at `at` in the newest segment: is there a whole sector of zeros between it
-/// and the last non-zero byte? Then the last write was cut short with a later part of it on
+/// and `end` (the last non-zero byte)? Then the last write was cut short with a later part of it on
 /// disk and an earlier part not (a disk keeps sectors in no particular order): everything from
 /// `at` is that one unacknowledged round, since a round is written only once the one before it
 /// is synced. A sector of an acknowledged record that a faulty disk zeroed afterwards would
 /// pass for this too, and the records after it would be dropped; the store's sentinel count
 /// still catches a loss of more than about a second of commits.
-fn holds_unwritten_sector(bytes: &[u8], at: usize) -> bool {
-    let end = written_end(bytes);
-    let first = at.div_ceil(SECTOR) * SECTOR;
-    (first..end.saturating_sub(SECTOR - 1))
+fn holds_unwritten_sector(bytes: &[u8], at: usize, end: usize) -> bool {
+    (at.next_multiple_of(SECTOR)..end.saturating_sub(SECTOR - 1))
         .step_by(SECTOR)
         .any(|sector| bytes[sector..sector + SECTOR].iter().all(|b| *b == 0))
 }
