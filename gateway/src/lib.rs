@@ -139,7 +139,7 @@ pub fn router(
     let outer = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(axum::middleware::from_fn(metrics::observe));
+        .layer(axum::middleware::from_fn_with_state(Arc::new(metrics::RequestMetrics::default()), metrics::observe));
 
     Router::new()
         .merge(v1)

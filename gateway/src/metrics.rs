@@ -6,15 +6,17 @@
 //! path: raw paths would make one time series per order id. Requests that matched no route
 //! share the label `unmatched`.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::{HeaderValue, Response, StatusCode};
+use axum::http::{HeaderValue, Method, Response, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
 
@@ -78,18 +80,18 @@ fn install() -> PrometheusHandle {
 /// carrying the request id, method, route, status and latency; `http_requests_total` and
 /// `http_request_duration_seconds` by method, route and status; and the problem+json
 /// safety net ([`ensure_problem`]).
-pub async fn observe(request: Request, next: Next) -> Response<Body> {
+pub async fn observe(State(metrics): State<Arc<RequestMetrics>>, request: Request, next: Next) -> Response<Body> {
     let started = Instant::now();
     let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().map_or(UNMATCHED_ROUTE, |path| path.as_str()).to_owned();
-    // Set by the request-id layer outside this one, from the client's header or a new UUID.
-    let request_id =
-        request.headers().get("x-request-id").and_then(|value| value.to_str().ok()).unwrap_or("").to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let route_label = route.as_ref().map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     let span = tracing::info_span!(
         "http_request",
-        request_id = %request_id,
+        // Set by the request-id layer outside this one, from the client's header or a new UUID.
+        // Read only if the span is enabled (the macro evaluates fields only then).
+        request_id = %request.headers().get("x-request-id").and_then(|value| value.to_str().ok()).unwrap_or(""),
         method = %method,
-        route = %route,
+        route = %route_label,
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
@@ -112,11 +114,61 @@ pub async fn observe(request: Request, next: Next) -> Response<Body> {
             tracing::debug!("request finished");
         }
     });
-
-    let labels = [("method", method.as_str().to_owned()), ("route", route), ("status", status.to_string())];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    metrics.record(&method, route_label, status, elapsed);
     response
+}
+
+/// The handles of `http_requests_total` and `http_request_duration_seconds`, one pair per
+/// route, method and status, registered on first use. The macros look a metric up in the
+/// recorder's registry at every call (its labels copied, hashed, a lock taken): per request
+/// that was a dozen allocations.
+#[derive(Default)]
+pub struct RequestMetrics {
+    by_route: RwLock<HashMap<String, Vec<RequestSeries>>>,
+}
+
+struct RequestSeries {
+    method: Method,
+    status: u16,
+    count: Counter,
+    seconds: Histogram,
+}
+
+impl RequestMetrics {
+    fn record(&self, method: &Method, route: &str, status: u16, elapsed: Duration) {
+        let recorded = {
+            let by_route = self.by_route.read().unwrap_or_else(PoisonError::into_inner);
+            let series =
+                by_route.get(route).and_then(|all| all.iter().find(|s| s.method == *method && s.status == status));
+            series.map(|series| series.record(elapsed)).is_some()
+        };
+        if recorded {
+            return;
+        }
+        let labels =
+            [("method", method.as_str().to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        let series = RequestSeries {
+            method: method.clone(),
+            status,
+            count: metrics::counter!("http_requests_total", &labels),
+            seconds: metrics::histogram!("http_request_duration_seconds", &labels),
+        };
+        series.record(elapsed);
+        let mut by_route = self.by_route.write().unwrap_or_else(PoisonError::into_inner);
+        let all = by_route.entry(route.to_owned()).or_default();
+        // Another request may have registered the same series meanwhile: the handles are the
+        // same metric, one copy is enough.
+        if !all.iter().any(|s| s.method == series.method && s.status == status) {
+            all.push(series);
+        }
+    }
+}
+
+impl RequestSeries {
+    fn record(&self, elapsed: Duration) {
+        self.count.increment(1);
+        self.seconds.record(elapsed.as_secs_f64());
+    }
 }
 
 /// The contract says every error is `application/problem+json`. Our handlers and layers

@@ -60,6 +60,15 @@ pub enum CancelReason {
 }
 
 impl CancelReason {
+    pub const ALL: [CancelReason; 6] = [
+        Self::OutOfStock,
+        Self::UnknownSku,
+        Self::PaymentDeclined,
+        Self::PaymentFailed,
+        Self::CustomerRequest,
+        Self::Timeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OutOfStock => "out_of_stock",

@@ -18,12 +18,12 @@ pub mod remote;
 use crate::provider::PaymentProvider;
 use events::IntegrationEvent;
 use inventory::{InventoryDeps, InventoryService, StockEntity};
-use order::{LiveOrders, OrderDeps, OrderEntity, OrderService};
+use order::{LiveOrders, OrderDeps, OrderEntity, OrderMetrics, OrderService};
 use ordermesh_runtime::cluster::Cluster;
 use ordermesh_runtime::relay::{RelayOptions, run_relay};
 use ordermesh_runtime::{Backoff, CircuitBreaker, HostingOptions, Router};
 use ordermesh_storage::{OutboxEntry, Store, StoreOptions, codec};
-use payment::{PaymentDeps, PaymentEntity, PaymentService};
+use payment::{PaymentDeps, PaymentEntity, PaymentService, SettledCounters};
 use remote::Placement;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -262,7 +262,13 @@ impl Services {
                 ));
                 let router = Router::<PaymentEntity>::start(
                     hosting("payment"),
-                    PaymentDeps { store: store.clone(), provider, breaker, settings: settings.clone() },
+                    PaymentDeps {
+                        store: store.clone(),
+                        provider,
+                        breaker,
+                        settings: settings.clone(),
+                        settled: Arc::new(SettledCounters::register()),
+                    },
                 )
                 .await
                 .map_err(actor_err("payment"))?;
@@ -282,6 +288,7 @@ impl Services {
                         inventory: inventory.clone(),
                         settings: settings.clone(),
                         live: live_orders.clone(),
+                        metrics: Arc::new(OrderMetrics::register()),
                     },
                 )
                 .await

@@ -14,6 +14,7 @@ use super::{Settings, now_ms};
 use crate::domain::{Money, OrderId, Payment, PaymentCommand, PaymentEvent, PaymentStep, PaymentToken, UnixMillis};
 use crate::error::ServiceError;
 use crate::provider::{ChargeDecision, ChargeRequest, PaymentProvider, RefundRequest};
+use metrics::Counter;
 use ordermesh_runtime::{CircuitBreaker, Entity, EntityContext, Mailbox, RouterHandle};
 use ordermesh_storage::{Append, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
@@ -71,6 +72,22 @@ pub struct PaymentDeps {
     pub provider: Arc<dyn PaymentProvider>,
     pub breaker: Arc<CircuitBreaker>,
     pub settings: Arc<Settings>,
+    pub settled: Arc<SettledCounters>,
+}
+
+/// `payments_settled_total` by outcome, registered once when the service starts (a macro call
+/// looks its metric up in the recorder's registry every time).
+pub struct SettledCounters {
+    captured: Counter,
+    declined: Counter,
+    failed: Counter,
+}
+
+impl SettledCounters {
+    pub fn register() -> SettledCounters {
+        let outcome = |label: &'static str| metrics::counter!("payments_settled_total", "outcome" => label);
+        SettledCounters { captured: outcome("captured"), declined: outcome("declined"), failed: outcome("failed") }
+    }
 }
 
 pub struct PaymentEntity {
@@ -209,13 +226,13 @@ impl PaymentEntity {
             ..WriteBatch::default()
         };
         for (i, event) in events.iter().enumerate() {
-            let (outcome, label) = match event {
-                PaymentEvent::Captured { .. } => (PaymentOutcome::Captured, "captured"),
-                PaymentEvent::Declined { .. } => (PaymentOutcome::Declined, "declined"),
-                PaymentEvent::Failed { .. } => (PaymentOutcome::Failed, "failed"),
+            let (outcome, counter) = match event {
+                PaymentEvent::Captured { .. } => (PaymentOutcome::Captured, &deps.settled.captured),
+                PaymentEvent::Declined { .. } => (PaymentOutcome::Declined, &deps.settled.declined),
+                PaymentEvent::Failed { .. } => (PaymentOutcome::Failed, &deps.settled.failed),
                 _ => continue,
             };
-            metrics::counter!("payments_settled_total", "outcome" => label).increment(1);
+            counter.increment(1);
             // A cancelled order is not waiting for the verdict; the refund follows instead.
             if after.as_ref().is_some_and(|p| !p.cancel_requested) {
                 let seq = before_version + i as u64 + 1;
