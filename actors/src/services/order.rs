@@ -33,7 +33,7 @@ use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -135,8 +135,18 @@ pub struct LiveOrders(Arc<std::sync::Mutex<LiveState>>);
 #[derive(Default)]
 struct LiveState {
     orders: HashMap<OrderId, Order>,
+    /// Up to [`RECENTLY_ENDED`] orders that left memory confirmed or cancelled (their ids in
+    /// `ended_ids`, oldest first, to forget them in turn). A client waiting for an order reads
+    /// it right after its end, when its entity has just passivated: from here rather than from
+    /// the store (that read was about 1.7% of `dev`'s CPU under load). Only this node's entity
+    /// changes the order, and it takes the order out of here when it activates again.
+    ended: HashMap<OrderId, Order>,
+    ended_ids: VecDeque<OrderId>,
     waiters: HashMap<OrderId, Vec<oneshot::Sender<()>>>,
 }
+
+/// How many recently ended orders [`LiveOrders`] keeps (a few hundred KiB).
+const RECENTLY_ENDED: usize = 4096;
 
 impl LiveState {
     fn wake(&mut self, id: OrderId) {
@@ -151,14 +161,17 @@ impl LiveOrders {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `look` at the live order `id`, if it is live.
+    /// `look` at the live order `id`, if it is live or ended recently.
     fn with<T>(&self, id: OrderId, look: impl FnOnce(&Order) -> T) -> Option<T> {
-        self.state().orders.get(&id).map(look)
+        let state = self.state();
+        state.orders.get(&id).or_else(|| state.ended.get(&id)).map(look)
     }
 
     fn set(&self, order: &Order) {
         let mut state = self.state();
         state.orders.insert(order.id, order.clone());
+        // Active again (a customer's cancel of a confirmed order): the ended copy may go stale.
+        state.ended.remove(&order.id);
         // Waiters wait for an order's end: the steps before it would only wake them to look
         // and register again (three times per order).
         if order.status.is_terminal() {
@@ -170,7 +183,19 @@ impl LiveOrders {
     fn forget(&self, order: &Order) {
         let mut state = self.state();
         if state.orders.get(&order.id).is_some_and(|live| live.version == order.version) {
-            state.orders.remove(&order.id);
+            if let Some(left) = state.orders.remove(&order.id)
+                && left.status.is_terminal()
+            {
+                let id = left.id;
+                if state.ended.insert(id, left).is_none() {
+                    state.ended_ids.push_back(id);
+                }
+                if state.ended_ids.len() > RECENTLY_ENDED
+                    && let Some(oldest) = state.ended_ids.pop_front()
+                {
+                    state.ended.remove(&oldest);
+                }
+            }
             state.wake(order.id);
         }
     }
@@ -307,7 +332,8 @@ impl Entity for OrderEntity {
                 let placed = result.is_ok();
                 let _ = reply.send(result);
                 if placed {
-                    ctx.send_self(OrderMsg::Continue);
+                    // Right away, not as a `Continue` through the mailbox: a message less per order.
+                    self.advance(ctx).await?;
                 }
             }
             OrderMsg::Cancel { reply } => {
@@ -1288,5 +1314,67 @@ impl OrderService {
         if let Some((router, _)) = &self.local {
             router.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::domain::Money;
+
+    fn order(status: OrderStatus, version: u64) -> Order {
+        Order {
+            id: OrderId::from_u128(7),
+            customer: CustomerId::parse("alice").unwrap(),
+            lines: vec![],
+            total: Money::from_cents(100),
+            payment_token: PaymentToken::parse("tok_visa").unwrap(),
+            status,
+            cancel_reason: None,
+            cancel_requested: None,
+            created_at: 1,
+            updated_at: 1,
+            deadline_at: 2,
+            version,
+        }
+    }
+
+    fn status_seen(live: &LiveOrders) -> Option<(OrderStatus, u64)> {
+        live.with(OrderId::from_u128(7), |o| (o.status, o.version))
+    }
+
+    #[test]
+    fn an_ended_order_is_read_after_it_left_memory_as_its_entity_last_saw_it() {
+        let live = LiveOrders::default();
+        live.set(&order(OrderStatus::Confirmed, 4));
+        live.forget(&order(OrderStatus::Confirmed, 4));
+        assert_eq!(status_seen(&live), Some((OrderStatus::Confirmed, 4)));
+        // The customer cancels it: active again, and its entity fails before the stock is back.
+        live.set(&order(OrderStatus::Confirmed, 4));
+        let cancelling =
+            Order { cancel_requested: Some(CancelReason::CustomerRequest), ..order(OrderStatus::Confirmed, 5) };
+        live.set(&cancelling);
+        live.forget(&cancelling);
+        assert_eq!(status_seen(&live), Some((OrderStatus::Confirmed, 5)), "the newest state, not the first copy");
+        // An order that leaves memory before its end is read from the store, not from here.
+        live.set(&order(OrderStatus::Reserved, 6));
+        live.forget(&order(OrderStatus::Reserved, 6));
+        assert_eq!(status_seen(&live), None);
+    }
+
+    #[test]
+    fn only_the_most_recently_ended_orders_are_kept() {
+        let live = LiveOrders::default();
+        for n in 0..=RECENTLY_ENDED as u128 {
+            let ended = Order { id: OrderId::from_u128(100 + n), ..order(OrderStatus::Cancelled, 3) };
+            live.set(&ended);
+            live.forget(&ended);
+        }
+        assert!(live.with(OrderId::from_u128(100), |_| ()).is_none(), "the oldest was forgotten");
+        assert!(live.with(OrderId::from_u128(101), |_| ()).is_some());
+        assert!(live.with(OrderId::from_u128(100 + RECENTLY_ENDED as u128), |_| ()).is_some());
+        assert_eq!(live.state().ended.len(), RECENTLY_ENDED);
     }
 }
