@@ -8,44 +8,63 @@
 # figure moved by 0.3% (two runs: 519.2 k and 520.6 k), so it can tell a 1% change apart. It
 # counts no kernel time and no cache misses, and at this low rate every commit group is small
 # and every drain into sled short: use it to compare two builds, not as a throughput figure.
-# The bench (the generator) runs outside valgrind.
+# The server logs at `warn` (so the per-request span is off, as in the other benchmarks); the
+# bench (the generator) runs outside valgrind.
 #
-# Uses $ORDERMESH_BIN, else <target dir>/release/ordermesh (built if missing); needs valgrind
-# (`apt-get install valgrind`). KEEP=FILE keeps the callgrind profile for callgrind_annotate.
+# Uses $ORDERMESH_BIN, else builds <target dir>/release/ordermesh; needs valgrind
+# (`apt-get install valgrind`), curl and python3. KEEP=FILE keeps the callgrind profile for
+# callgrind_annotate.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
+for tool in valgrind callgrind_control curl python3; do
+    command -v "$tool" >/dev/null || { echo "$tool is needed (valgrind: apt-get install valgrind)" >&2; exit 1; }
+done
 rate=${1:-150}
 seconds=${2:-15}
-bin=${ORDERMESH_BIN:-${CARGO_TARGET_DIR:-target}/release/ordermesh}
-[ -x "$bin" ] || cargo build --release --bin ordermesh
-command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
+keep=${KEEP:+$(realpath -m "$KEEP")}
+bin=${ORDERMESH_BIN:+$(realpath "$ORDERMESH_BIN")}
+cd "$(dirname "$0")/.."
+if [ -z "$bin" ]; then
+    cargo build --release --bin ordermesh
+    bin=$(realpath "${CARGO_TARGET_DIR:-target}/release/ordermesh")
+fi
 unset ORDERMESH_BIN
 
 dir=$(mktemp -d)
-port=${BENCH_PORT:-18097}
+# A free port: a server left on a fixed one would answer the readiness check instead.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export ORDERMESH_JWT_SECRET=instructions-per-order-secret-long-enough-0123456789
 export ORDERMESH_LOG=warn
 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
     "$bin" dev --http "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/dev.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 600); do curl -sf "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
-curl -sf "127.0.0.1:$port/readyz" >/dev/null || { cat "$dir/dev.log" >&2; exit 1; }
+for _ in $(seq 600); do
+    kill -0 "$pid" 2>/dev/null || break
+    curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null && break
+    sleep 0.2
+done
+curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null || { echo "the server did not start:" >&2; cat "$dir/dev.log" >&2; exit 1; }
 
 # A short run first (seeds the skus, warms the caches), then the counters start from zero.
-"$bin" bench --target "http://127.0.0.1:$port" --rate 20 --duration 3s >/dev/null 2>&1
-callgrind_control -z "$pid" >/dev/null 2>&1
-out=$("$bin" bench --target "http://127.0.0.1:$port" --rate "$rate" --duration "${seconds}s" --json 2>/dev/null | tail -1)
-callgrind_control -d "$pid" >/dev/null 2>&1
-sleep 1
-profile=$(ls -t "$dir"/callgrind.out.* | head -1)
-[ -n "${KEEP:-}" ] && cp "$profile" "$KEEP"
+"$bin" bench --target "http://127.0.0.1:$port" --rate 20 --duration 3s >/dev/null
+callgrind_control -z "$pid" >/dev/null
+out=$("$bin" bench --target "http://127.0.0.1:$port" --rate "$rate" --duration "${seconds}s" --json | tail -1)
+callgrind_control -d "$pid" >/dev/null
+profile=""
+for _ in $(seq 100); do
+    profile=$(ls -t "$dir"/callgrind.out.* 2>/dev/null | head -1)
+    [ -n "$profile" ] && grep -q '^summary:' "$profile" && break
+    sleep 0.1
+done
+grep -q '^summary:' "$profile" || { echo "callgrind wrote no profile" >&2; exit 1; }
+[ -n "$keep" ] && cp "$profile" "$keep"
 instructions=$(awk '/^summary:/ {print $2}' "$profile")
 python3 - "$out" "$instructions" <<'PY'
 import json, sys
 o = json.loads(sys.argv[1])
-confirmed = max(o["confirmed"], 1)
-print(f"confirmed {confirmed}  instructions per order {int(sys.argv[2]) / confirmed / 1e3:.1f} k  "
+if o["confirmed"] == 0:
+    sys.exit("no order was confirmed: no figure")
+print(f"confirmed {o['confirmed']}  instructions per order {int(sys.argv[2]) / o['confirmed'] / 1e3:.1f} k  "
       f"place p99 {o['place_p99_ms']} ms (under valgrind)")
 PY

@@ -128,7 +128,7 @@ pub struct RequestMetrics {
 }
 
 struct RequestSeries {
-    method: Method,
+    method: &'static str,
     status: u16,
     count: Counter,
     seconds: Histogram,
@@ -136,19 +136,21 @@ struct RequestSeries {
 
 impl RequestMetrics {
     fn record(&self, method: &Method, route: &str, status: u16, elapsed: Duration) {
-        let recorded = {
+        // Any token is a method to hyper, and this layer runs before authentication: a fixed
+        // set of labels keeps a client from growing the series (and this map) at will.
+        let method = method_label(method);
+        let find = |all: &[RequestSeries]| all.iter().position(|s| s.method == method && s.status == status);
+        {
             let by_route = self.by_route.read().unwrap_or_else(PoisonError::into_inner);
-            let series =
-                by_route.get(route).and_then(|all| all.iter().find(|s| s.method == *method && s.status == status));
-            series.map(|series| series.record(elapsed)).is_some()
-        };
-        if recorded {
-            return;
+            if let Some(all) = by_route.get(route)
+                && let Some(at) = find(all)
+            {
+                return all[at].record(elapsed);
+            }
         }
-        let labels =
-            [("method", method.as_str().to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
         let series = RequestSeries {
-            method: method.clone(),
+            method,
             status,
             count: metrics::counter!("http_requests_total", &labels),
             seconds: metrics::histogram!("http_request_duration_seconds", &labels),
@@ -158,9 +160,25 @@ impl RequestMetrics {
         let all = by_route.entry(route.to_owned()).or_default();
         // Another request may have registered the same series meanwhile: the handles are the
         // same metric, one copy is enough.
-        if !all.iter().any(|s| s.method == series.method && s.status == status) {
+        if find(all).is_none() {
             all.push(series);
         }
+    }
+}
+
+/// The `method` label: the methods HTTP defines, else `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
     }
 }
 
@@ -225,6 +243,13 @@ mod tests {
             serde_json::from_slice(&to_bytes(response.into_body(), usize::MAX).await.unwrap()).unwrap();
         assert_eq!(body["status"], 405);
         assert!(body["detail"].as_str().unwrap().contains("GET,HEAD"));
+    }
+
+    #[test]
+    fn methods_outside_http_share_one_label() {
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        assert_eq!(method_label(&Method::from_bytes(b"FOO123").unwrap()), "other");
+        assert_eq!(method_label(&Method::from_bytes(b"BAR").unwrap()), "other");
     }
 
     #[tokio::test]

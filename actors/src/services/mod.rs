@@ -154,6 +154,9 @@ pub struct Services {
 
 impl Services {
     /// Opens the stores under `data_dir`, starts the services and resumes unfinished sagas.
+    ///
+    /// Install the metrics recorder before: the services register their metrics here, and a
+    /// metric registered with no recorder installed stays a no-op.
     pub async fn start(
         data_dir: &Path,
         settings: Settings,

@@ -74,6 +74,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     config.validate().unwrap();
     let auth = Arc::new(config.authenticator().unwrap());
 
+    // The recorder first, as `dev` and `node` do: the services register their metrics at start.
+    let _metrics = ordermesh_gateway::metrics_handle();
     let data = tempfile::tempdir().unwrap();
     let provider = Arc::new(SimulatedProvider::new());
     let services = Services::start(data.path(), fast_settings(), provider.clone()).await.unwrap();
