@@ -13,6 +13,7 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ordermesh_storage::{OutboxEntry, Store};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -50,33 +51,38 @@ where
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        let room = max_in_flight - in_flight.len();
-        let batch = if room == 0 {
+        let limit = (max_in_flight - in_flight.len()).min(256);
+        let batch = if limit == 0 {
             Vec::new()
         } else {
-            store.outbox_pending(cursor, room.min(256)).unwrap_or_else(|err| {
+            store.outbox_pending(cursor, limit).unwrap_or_else(|err| {
                 tracing::error!(relay = options.name, error = %err, "cannot read outbox");
                 Vec::new()
             })
         };
-        if batch.is_empty() {
-            tokio::select! {
-                _ = &mut notified, if room > 0 => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => {}
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {
-                    // Every delivery that is done, before the outbox is read again.
-                    while let Some(Some(())) = in_flight.next().now_or_never() {}
-                }
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-            continue;
-        }
+        // A full batch may have more behind it: read on. Otherwise the new deliveries start
+        // in the wait below (the first poll of `in_flight`), and a commit since the read
+        // wakes it.
+        let more = limit > 0 && batch.len() == limit;
         for entry in batch {
             cursor = Some(entry.id);
             in_flight.push(deliver_until_taken(entry, &deliver, &store, &options, delivered.clone()));
+        }
+        if more {
+            continue;
+        }
+        let room = in_flight.len() < max_in_flight;
+        tokio::select! {
+            _ = &mut notified, if room => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {}
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                // Every delivery that is done, before the outbox is read again.
+                while let Some(Some(())) = in_flight.next().now_or_never() {}
+            }
+        }
+        if *shutdown.borrow() {
+            break;
         }
     }
     // Dropping the deliveries in flight leaves their entries in the outbox, for the next start.
@@ -98,18 +104,88 @@ async fn deliver_until_taken<F, Fut, E>(
     let (id, name) = (entry.id, options.name);
     let mut attempt = 0u32;
     loop {
-        match deliver(entry.clone()).await {
-            Ok(()) => break,
-            Err(err) => {
+        // A panic is one delivery's failure, not the relay's: the relay polls every delivery
+        // in its own task, and a panic there would stop it for good.
+        match AssertUnwindSafe(async { deliver(entry.clone()).await }).catch_unwind().await {
+            Ok(Ok(())) => break,
+            Ok(Err(err)) => {
                 metrics::counter!("outbox_delivery_retries_total", "relay" => name).increment(1);
                 tracing::debug!(relay = name, id, attempt, error = %err, "delivery failed, will retry");
-                tokio::time::sleep(options.backoff.delay(attempt)).await;
-                attempt = attempt.saturating_add(1);
+            }
+            Err(_panic) => {
+                metrics::counter!("outbox_delivery_retries_total", "relay" => name).increment(1);
+                tracing::error!(relay = name, id, attempt, "delivery panicked, will retry");
             }
         }
+        tokio::time::sleep(options.backoff.delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
     }
     if let Err(err) = store.outbox_ack(&[id]) {
         tracing::warn!(relay = name, id, error = %err, "cannot ack outbox entry; it will be redelivered");
     }
     delivered.increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use ordermesh_storage::{StoreOptions, WriteBatch};
+    use std::sync::Arc;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Every entry is delivered and acknowledged, never more than `max_in_flight` at once, and a
+    /// delivery that panics is retried instead of stopping the relay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_everything_within_the_bound_and_survives_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        for n in 0..40u8 {
+            store.commit(WriteBatch { outbox: vec![vec![n]], ..WriteBatch::default() }).await.unwrap();
+        }
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let panicked = Arc::new(AtomicUsize::new(0));
+        let deliver = {
+            let (running, most, seen, panicked) = (running.clone(), most.clone(), seen.clone(), panicked.clone());
+            move |entry: OutboxEntry| {
+                let (running, most, seen, panicked) = (running.clone(), most.clone(), seen.clone(), panicked.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    if entry.bytes == [7] && panicked.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("the first delivery of entry 7 panics");
+                    }
+                    seen.lock().unwrap().push(entry.bytes[0]);
+                    Ok::<(), String>(())
+                }
+            }
+        };
+        let options = RelayOptions {
+            name: "test",
+            max_in_flight: 3,
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(5)),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let relay = tokio::spawn(run_relay(store.clone(), options, deliver, stopped));
+        for _ in 0..500 {
+            if seen.lock().unwrap().len() == 40 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut delivered = seen.lock().unwrap().clone();
+        delivered.sort_unstable();
+        assert_eq!(delivered, (0..40).collect::<Vec<u8>>(), "each entry once, 7 after its retry");
+        assert_eq!(panicked.load(Ordering::SeqCst), 2, "entry 7 panicked once, then went through");
+        assert!(most.load(Ordering::SeqCst) <= 3, "at most 3 at once, saw {}", most.load(Ordering::SeqCst));
+        assert!(store.outbox_pending(None, 100).unwrap().is_empty(), "every entry acknowledged");
+        stop.send(true).unwrap();
+        relay.await.unwrap();
+    }
 }
