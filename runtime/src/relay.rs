@@ -41,9 +41,9 @@ where
     let max_in_flight = options.max_in_flight.max(1);
     let notify = store.outbox_notify();
     let mut cursor: Option<u64> = None;
-    let mut in_flight = FuturesUnordered::new();
-    // Looked up once, not per delivery.
+    // Looked up once, not per delivery (and before `in_flight`, whose deliveries borrow it).
     let delivered = metrics::counter!("outbox_delivered_total", "relay" => options.name);
+    let mut in_flight = FuturesUnordered::new();
     loop {
         // Register interest before reading, so a commit between the read and the wait is
         // not missed.
@@ -66,7 +66,7 @@ where
         let more = limit > 0 && batch.len() == limit;
         for entry in batch {
             cursor = Some(entry.id);
-            in_flight.push(deliver_until_taken(entry, &deliver, &store, &options, delivered.clone()));
+            in_flight.push(deliver_until_taken(entry, &deliver, &store, &options, &delivered));
         }
         if more {
             continue;
@@ -95,7 +95,7 @@ async fn deliver_until_taken<F, Fut, E>(
     deliver: &F,
     store: &Store,
     options: &RelayOptions,
-    delivered: metrics::Counter,
+    delivered: &metrics::Counter,
 ) where
     F: Fn(OutboxEntry) -> Fut,
     Fut: Future<Output = Result<(), E>>,
@@ -108,15 +108,10 @@ async fn deliver_until_taken<F, Fut, E>(
         // in its own task, and a panic there would stop it for good.
         match AssertUnwindSafe(async { deliver(entry.clone()).await }).catch_unwind().await {
             Ok(Ok(())) => break,
-            Ok(Err(err)) => {
-                metrics::counter!("outbox_delivery_retries_total", "relay" => name).increment(1);
-                tracing::debug!(relay = name, id, attempt, error = %err, "delivery failed, will retry");
-            }
-            Err(_panic) => {
-                metrics::counter!("outbox_delivery_retries_total", "relay" => name).increment(1);
-                tracing::error!(relay = name, id, attempt, "delivery panicked, will retry");
-            }
+            Ok(Err(err)) => tracing::debug!(relay = name, id, attempt, error = %err, "delivery failed, will retry"),
+            Err(_panic) => tracing::error!(relay = name, id, attempt, "delivery panicked, will retry"),
         }
+        metrics::counter!("outbox_delivery_retries_total", "relay" => name).increment(1);
         tokio::time::sleep(options.backoff.delay(attempt)).await;
         attempt = attempt.saturating_add(1);
     }

@@ -155,6 +155,25 @@ struct LiveState {
 const RECENTLY_ENDED: usize = 4096;
 
 impl LiveState {
+    /// Keeps `left`, an order that just left memory, among the recently ended ones if its saga
+    /// is done; otherwise forgets any copy from before this activation, stale now. (A forgotten
+    /// copy's id stays in `ended_ids` until its turn; that only shortens the list for a while.)
+    fn keep_if_ended(&mut self, left: Order) {
+        let id = left.id;
+        if left.next_step() != SagaStep::Done {
+            self.ended.remove(&id);
+            return;
+        }
+        if self.ended.insert(id, left).is_none() {
+            self.ended_ids.push_back(id);
+        }
+        if self.ended_ids.len() > RECENTLY_ENDED
+            && let Some(oldest) = self.ended_ids.pop_front()
+        {
+            self.ended.remove(&oldest);
+        }
+    }
+
     fn wake(&mut self, id: OrderId) {
         for waiter in self.waiters.remove(&id).into_iter().flatten() {
             let _ = waiter.send(id);
@@ -187,21 +206,8 @@ impl LiveOrders {
     fn forget(&self, order: &Order) {
         let mut state = self.state();
         if state.orders.get(&order.id).is_some_and(|live| live.version == order.version) {
-            match state.orders.remove(&order.id) {
-                Some(left) if left.next_step() == SagaStep::Done => {
-                    let id = left.id;
-                    if state.ended.insert(id, left).is_none() {
-                        state.ended_ids.push_back(id);
-                    }
-                    if state.ended_ids.len() > RECENTLY_ENDED
-                        && let Some(oldest) = state.ended_ids.pop_front()
-                    {
-                        state.ended.remove(&oldest);
-                    }
-                }
-                // An ended copy from before this activation would be stale now. (Its id stays
-                // in `ended_ids` until its turn; that only shortens the list for a while.)
-                _ => drop(state.ended.remove(&order.id)),
+            if let Some(left) = state.orders.remove(&order.id) {
+                state.keep_if_ended(left);
             }
             state.wake(order.id);
         }
@@ -1092,7 +1098,6 @@ impl OrderService {
         Ok(found)
     }
 
-    /// The id, once the order ends (or passivates).
     /// Those of `ids` that are terminal, or that `requester` cannot see.
     fn terminal_among(&self, ids: &[OrderId], requester: &Requester) -> Result<Waited, ServiceError> {
         let mut found = Waited::default();
