@@ -218,12 +218,14 @@ fn spare_size(bytes: u64) -> u64 {
 /// or `fallocate`: writing into either later changes the file's metadata too), cuts off
 /// anything beyond, and syncs it.
 fn zero_fill(path: &Path, size: u64) -> io::Result<()> {
+    // A static block (in .bss, not the binary): a zeroed allocation of a MiB per spare was
+    // 6% of the instructions per order at 150 orders/s (mimalloc clears it with memset).
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut file = fs::OpenOptions::new().write(true).open(path)?;
-    let zeros = vec![0u8; SPARE_UNIT as usize];
     let mut left = size;
     while left > 0 {
-        let n = left.min(SPARE_UNIT);
-        file.write_all(&zeros[..n as usize])?;
+        let n = left.min(ZEROS.len() as u64);
+        file.write_all(&ZEROS[..n as usize])?;
         left -= n;
     }
     if file.metadata()?.len() > size {
