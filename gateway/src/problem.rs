@@ -30,10 +30,11 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, MissingJsonContentType};
 use axum::extract::{FromRequest, Request};
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ordermesh_actors::ServiceError;
 use serde::de::DeserializeOwned;
@@ -378,12 +379,33 @@ where
 {
     type Rejection = Problem;
 
+    /// What `axum::Json::from_request` does, except that a body that parses is parsed without
+    /// axum's path tracking (`serde_path_to_error`, an allocation per field: 1.6% of the
+    /// instructions per order); only a body that fails is parsed again by axum, for its error
+    /// naming the field.
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(rejection.into()),
+        if !json_content_type(req.headers()) {
+            return Err(JsonRejection::from(MissingJsonContentType::default()).into());
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(JsonRejection::from)?;
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Ok(Self(value)),
+            Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
+                Ok(axum::Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(rejection.into()),
+            },
         }
     }
+}
+
+/// axum 0.8's rule for a JSON body (its private `json_content_type`): `application/json` or
+/// any `application/*+json`, parameters allowed.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(mime) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<mime::Mime>().ok())
+    else {
+        return false;
+    };
+    mime.type_() == "application" && (mime.subtype() == "json" || mime.suffix().is_some_and(|name| name == "json"))
 }
 
 #[cfg(test)]
