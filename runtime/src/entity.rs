@@ -29,8 +29,8 @@
 
 use crate::handle::RouterHandle;
 use dashmap::DashMap;
+use foldhash::HashMap;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, Message, MessagingErr, SupervisionEvent};
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,7 +147,7 @@ impl<M: Send + 'static> Message for RouterMsg<M> {}
 
 /// The active entities of one service on this node.
 pub struct Directory<M: Send + 'static> {
-    slots: DashMap<String, Slot<M>>,
+    slots: DashMap<String, Slot<M>, foldhash::fast::RandomState>,
 }
 
 impl<M: Send + 'static> Directory<M> {
@@ -220,7 +220,7 @@ impl<E: Entity> Router<E> {
     /// Starts a router; entities are spawned as its linked children.
     pub async fn start(options: HostingOptions, deps: E::Deps) -> Result<RouterHandle<E::Msg>, ActorProcessingErr> {
         let service = options.service;
-        let directory = Arc::new(Directory { slots: DashMap::new() });
+        let directory = Arc::new(Directory { slots: DashMap::default() });
         let args = (options, deps, directory.clone());
         let (router, _join) = Actor::spawn(None, Router::<E>(std::marker::PhantomData), args).await?;
         Ok(RouterHandle::new(router, directory, service))
@@ -253,7 +253,7 @@ impl<E: Entity> Actor for Router<E> {
         (options, deps, directory): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let active = metrics::gauge!("entities_active", "service" => options.service);
-        Ok(RouterState { options, deps, directory, keys_by_actor: HashMap::new(), active })
+        Ok(RouterState { options, deps, directory, keys_by_actor: HashMap::default(), active })
     }
 
     async fn handle(

@@ -33,7 +33,6 @@
 //! checkpoint fails, nothing of the failed round nor anything after it is ever acknowledged:
 //! the store is poisoned (see [`StorageError::Poisoned`]).
 
-use std::collections::HashMap;
 use std::io;
 use std::ops::Bound;
 use std::path::PathBuf;
@@ -42,6 +41,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use tokio::sync::oneshot;
 
 use crate::checkpoint::{Checkpointer, Checkpoints};
@@ -180,7 +180,7 @@ impl Committer {
             shared,
             next_outbox,
             commit_seq,
-            versions: HashMap::new(),
+            versions: HashMap::default(),
             sync: SyncStage::Inline(Box::new(syncer)),
         })
     }

@@ -24,6 +24,7 @@ use crate::domain::{
     PaymentToken, Quantity, SagaStep, Sku, StockRejection,
 };
 use crate::error::ServiceError;
+use foldhash::HashMap;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesUnordered;
@@ -33,7 +34,7 @@ use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, IdempotencyRecord, StorageError, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
