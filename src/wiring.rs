@@ -41,6 +41,7 @@ pub fn service_settings(config: &Config) -> Settings {
         entity_idle: config.entity_idle(),
         idempotency_retention: config.idempotency_retention(),
         commit_interval: config.commit_interval(),
+        max_orders_in_flight: config.max_orders_in_flight,
         ..defaults
     }
 }

@@ -486,3 +486,41 @@ async fn redelivered_integration_events_change_nothing() {
     let (available, reserved) = stock_before;
     assert_eq!(stock(&app, "fig").await, (available - 1, reserved), "only the later order took stock");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { max_orders_in_flight: 2, ..fast_settings() };
+    let provider = Arc::new(SimulatedProvider::new());
+    let services = Services::start(dir.path(), settings, provider.clone()).await.unwrap();
+    let app = App { services, provider, _dir: dir };
+    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    // Payments that never answer keep both orders in flight until the payment deadline (2 s).
+    let mut stuck = vec![];
+    for _ in 0..2 {
+        stuck.push(app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), None).await.unwrap());
+    }
+    let refused = app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_visa"), None).await;
+    assert!(matches!(refused, Err(ServiceError::Unavailable { service: "order", .. })), "{refused:?}");
+
+    for placed in &stuck {
+        let order = wait_terminal(&app, placed.order.id, Duration::from_secs(15)).await;
+        assert_eq!(order.cancel_reason, Some(CancelReason::PaymentFailed));
+    }
+    // Ended orders leave memory as their entities passivate; then orders are taken again.
+    let started = Instant::now();
+    let accepted = loop {
+        match app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_visa"), None).await {
+            Ok(placed) => break placed,
+            Err(ServiceError::Unavailable { .. }) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(err) => panic!("still refused after the stuck orders ended: {err:?}"),
+        }
+    };
+    let order = wait_terminal(&app, accepted.order.id, Duration::from_secs(10)).await;
+    assert_eq!(order.status, OrderStatus::Confirmed);
+    // The stuck orders released their stock; the refused one never took any.
+    assert_eq!(stock(&app, "apple").await, (9, 0));
+    assert_eq!(app.provider.approved_charges(), 1);
+}

@@ -128,6 +128,10 @@ pub struct Config {
     /// Requests in flight across the gateway; beyond it, 503 + Retry-After instead of
     /// unbounded queues (the cluster transport has no backpressure of its own).
     pub max_in_flight: usize,
+    /// Orders in memory on a node (sagas running) beyond which new orders get 503 +
+    /// Retry-After: an overload then waits at the clients instead of in an ever longer saga
+    /// backlog. Orders that wait on a slow payment count too (up to `payment_deadline_ms`).
+    pub max_orders_in_flight: usize,
 
     /// Time an order may spend getting paid before it is cancelled as `payment_failed`.
     pub payment_deadline_ms: u64,
@@ -178,6 +182,7 @@ impl Default for Config {
             order_body_limit_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_in_flight: 2048,
+            max_orders_in_flight: 10_000,
             payment_deadline_ms: 30_000,
             payment_call_timeout_ms: 2_000,
             payment_inline_wait_ms: 100,
@@ -303,11 +308,12 @@ impl Config {
             errors.push(SettingError { setting: setting.to_owned(), origin: origin(setting), unknown: false, message });
         };
 
-        let positive: [(&str, u64); 13] = [
+        let positive: [(&str, u64); 14] = [
             ("rate_limit_per_second", self.rate_limit_per_second.into()),
             ("rate_limit_burst", self.rate_limit_burst.into()),
             ("request_timeout_ms", self.request_timeout_ms),
             ("max_in_flight", u64::try_from(self.max_in_flight).unwrap_or(u64::MAX)),
+            ("max_orders_in_flight", u64::try_from(self.max_orders_in_flight).unwrap_or(u64::MAX)),
             ("payment_deadline_ms", self.payment_deadline_ms),
             ("payment_call_timeout_ms", self.payment_call_timeout_ms),
             ("payment_max_backoff_ms", self.payment_max_backoff_ms),

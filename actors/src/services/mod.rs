@@ -65,6 +65,9 @@ pub struct Settings {
     pub fsync: bool,
     /// Least time between the starts of two log rounds of a store while writers are concurrent.
     pub commit_interval: Duration,
+    /// Orders in memory on a node (their sagas running) beyond which it refuses new ones
+    /// (`Unavailable`: 503 + Retry-After), so an overload queues at the clients, not in sagas.
+    pub max_orders_in_flight: usize,
 }
 
 impl Default for Settings {
@@ -83,6 +86,7 @@ impl Default for Settings {
             idempotency_retention: Duration::from_secs(24 * 3600),
             fsync: true,
             commit_interval: StoreOptions::default().min_round_interval,
+            max_orders_in_flight: 10_000,
         }
     }
 }

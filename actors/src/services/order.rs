@@ -203,6 +203,11 @@ impl LiveOrders {
         }
     }
 
+    /// Orders whose entity is in memory: sagas running, or just ended and about to leave.
+    fn in_memory(&self) -> usize {
+        self.state().orders.len()
+    }
+
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
     fn forget(&self, order: &Order) {
         let mut state = self.state();
@@ -916,6 +921,18 @@ impl OrderService {
             }
             None => None,
         };
+        // Admission: an order admitted beyond what the sagas can finish would only wait in
+        // them, and under an open-loop overload their backlog grew without end (55,000 orders
+        // in memory after 15 s at 9,500 orders/s offered, confirmations 10 s late, fewer
+        // confirmed per second than at capacity). Refused here, the client retries later.
+        let in_memory = self.live.in_memory();
+        if in_memory >= self.settings.max_orders_in_flight {
+            metrics::counter!("orders_refused_total").increment(1);
+            return Err(ServiceError::Unavailable {
+                service: "order",
+                detail: format!("{in_memory} orders are in flight on this node, its limit; retry shortly"),
+            });
+        }
         let lines = self.price(&new.items).await?;
         let request = PlaceRequest {
             customer: new.customer.clone(),
