@@ -17,6 +17,8 @@
 # After it: the server's CPU time (user + system, from /proc) divided by the confirmed orders,
 # over the measured window plus its grace (the warm-up excluded), and the load average.
 #
+# The data dir goes under $BENCH_DIR, else the target dir (not /tmp: a tmpfs there would make
+# both the store and the disk limit memory's); its file system's type is printed.
 # Uses $ORDERMESH_BIN, else builds <target dir>/release/ordermesh; needs curl and python3.
 # On a shared machine orders/s moves by 20% between runs: compare builds by alternating them
 # (or with examples/instructions_per_order.sh), not by one run each.
@@ -35,7 +37,9 @@ unset ORDERMESH_BIN
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--concurrency 64 --duration 30s --warmup 5s)
 
-dir=$(mktemp -d)
+parent=${BENCH_DIR:-${CARGO_TARGET_DIR:-$PWD/target}}
+mkdir -p "$parent"
+dir=$(mktemp -d -p "$parent" bench-dev.XXXXXX)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export ORDERMESH_JWT_SECRET=bench-dev-secret-that-is-long-enough-0123456789
 export ORDERMESH_LOG=${ORDERMESH_LOG:-warn}
@@ -48,12 +52,13 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null || { echo "the server did not start:" >&2; cat "$dir/dev.log" >&2; exit 1; }
-echo "ordermesh dev ready on 127.0.0.1:$port (pid $pid); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "ordermesh dev ready on 127.0.0.1:$port (pid $pid), data in $dir ($(stat -f -c %T "$dir")); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if [ "${LIMITS:-1}" != 0 ]; then
     if command -v wrk >/dev/null; then
         wrk -t2 -c64 -d5s --latency "http://127.0.0.1:$port/livez" |
-            awk '/Requests\/sec/ {rps = $2} / 99%/ {p99 = $2} END {print "limit, HTTP: /livez " rps " requests/s, p99 " p99 " (wrk -t2 -c64 -d5s)"}'
+            awk '/Requests\/sec/ {rps = $2} / 99%/ {p99 = $2} END {print "limit, HTTP: /livez " rps " requests/s, p99 " p99 " (wrk -t2 -c64 -d5s)"}' ||
+            echo "limit, HTTP: not measured (wrk failed)"
     else
         echo "limit, HTTP: not measured (wrk is not installed)"
     fi

@@ -496,21 +496,23 @@ async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end
     let app = App { services, provider, _dir: dir };
     app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
     // Payments that never answer keep both orders in flight until the payment deadline (2 s).
-    let mut stuck = vec![];
-    for _ in 0..2 {
-        stuck.push(app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), None).await.unwrap());
-    }
-    let refused = app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_visa"), None).await;
+    let key = Some("gus-1".to_owned());
+    let first = app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), key.clone()).await.unwrap();
+    let second = app.services.orders.place(new_order("hal", &[("apple", 1)], "tok_timeout"), None).await.unwrap();
+    let refused = app.services.orders.place(new_order("ida", &[("apple", 1)], "tok_visa"), None).await;
     assert!(matches!(refused, Err(ServiceError::Unavailable { service: "order", .. })), "{refused:?}");
+    // A retry of an order already taken is still answered: it adds nothing.
+    let replay = app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), key).await.unwrap();
+    assert_eq!((replay.order.id, replay.created), (first.order.id, false));
 
-    for placed in &stuck {
+    for placed in [&first, &second] {
         let order = wait_terminal(&app, placed.order.id, Duration::from_secs(15)).await;
         assert_eq!(order.cancel_reason, Some(CancelReason::PaymentFailed));
     }
     // Ended orders leave memory as their entities passivate; then orders are taken again.
     let started = Instant::now();
     let accepted = loop {
-        match app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_visa"), None).await {
+        match app.services.orders.place(new_order("ida", &[("apple", 1)], "tok_visa"), None).await {
             Ok(placed) => break placed,
             Err(ServiceError::Unavailable { .. }) if started.elapsed() < Duration::from_secs(10) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -523,4 +525,18 @@ async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end
     // The stuck orders released their stock; the refused one never took any.
     assert_eq!(stock(&app, "apple").await, (9, 0));
     assert_eq!(app.provider.approved_charges(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_customer_gets_a_tenth_of_the_orders_in_flight_so_others_still_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { max_orders_in_flight: 20, ..fast_settings() };
+    let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
+    services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    for _ in 0..2 {
+        services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), None).await.unwrap();
+    }
+    let refused = services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), None).await;
+    assert!(matches!(refused, Err(ServiceError::Unavailable { service: "order", .. })), "{refused:?}");
+    services.orders.place(new_order("hal", &[("apple", 1)], "tok_visa"), None).await.unwrap();
 }

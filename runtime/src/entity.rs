@@ -147,7 +147,9 @@ impl<M: Send + 'static> Message for RouterMsg<M> {}
 
 /// The active entities of one service on this node.
 pub struct Directory<M: Send + 'static> {
-    slots: DashMap<String, Slot<M>, foldhash::fast::RandomState>,
+    /// Keyed by entity names, some chosen by clients (the skus of an order's lines activate
+    /// stock entities before anyone knows they exist): std's hasher, seeded against HashDoS.
+    slots: DashMap<String, Slot<M>>,
 }
 
 impl<M: Send + 'static> Directory<M> {

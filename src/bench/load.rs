@@ -229,7 +229,8 @@ pub async fn run(
         let warmup = phase(plan, &clients, plan.warmup, "warm-up ").await;
         Some(Warmup { duration: plan.warmup, placed: warmup.placed, errors: warmup.errors() })
     };
-    // A line for scripts that measure the server over the same window (examples/bench_dev.sh).
+    // A line for scripts that measure the server over the same window: examples/bench_dev.sh
+    // (its CPU time) and examples/instructions_per_order.sh (its instructions) wait for it.
     eprintln!("bench: measured window starts");
     Ok(Summary { warmup, ..phase(plan, &clients, plan.duration, "").await })
 }

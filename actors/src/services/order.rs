@@ -147,9 +147,15 @@ struct LiveState {
     ended: HashMap<OrderId, Order>,
     ended_ids: VecDeque<OrderId>,
     /// Per order, the waiting requests to tell when it ends or passivates (each request's
-    /// channel, registered once per order it waits for).
-    waiters: HashMap<OrderId, Vec<mpsc::UnboundedSender<OrderId>>>,
+    /// channel, registered once per order it waits for). Keyed by ids clients send (before
+    /// anyone checks they exist), so with std's hasher, seeded against HashDoS.
+    waiters: std::collections::HashMap<OrderId, Vec<mpsc::UnboundedSender<OrderId>>>,
+    /// How many of `orders` each customer has (for the admission share).
+    per_customer: std::collections::HashMap<CustomerId, usize>,
 }
+
+/// A customer may have at most this fraction (1 / N) of `max_orders_in_flight` in flight.
+const CUSTOMER_SHARE_OF_IN_FLIGHT: usize = 10;
 
 /// How many recently ended orders [`LiveOrders`] keeps (about 400 bytes each for a one-line
 /// order: under 2 MiB).
@@ -195,7 +201,9 @@ impl LiveOrders {
 
     fn set(&self, order: &Order) {
         let mut state = self.state();
-        state.orders.insert(order.id, order.clone());
+        if state.orders.insert(order.id, order.clone()).is_none() {
+            *state.per_customer.entry(order.customer.clone()).or_default() += 1;
+        }
         // Waiters wait for an order's end: the steps before it would only wake them to look
         // and register again (three times per order).
         if order.status.is_terminal() {
@@ -203,9 +211,11 @@ impl LiveOrders {
         }
     }
 
-    /// Orders whose entity is in memory: sagas running, or just ended and about to leave.
-    fn in_memory(&self) -> usize {
-        self.state().orders.len()
+    /// Orders whose entity is in memory (sagas running, or just ended and about to leave): in
+    /// all, and those of `customer`.
+    fn in_memory(&self, customer: &CustomerId) -> (usize, usize) {
+        let state = self.state();
+        (state.orders.len(), state.per_customer.get(customer).copied().unwrap_or(0))
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
@@ -213,6 +223,12 @@ impl LiveOrders {
         let mut state = self.state();
         if state.orders.get(&order.id).is_some_and(|live| live.version == order.version) {
             if let Some(left) = state.orders.remove(&order.id) {
+                if let Some(count) = state.per_customer.get_mut(&left.customer) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.per_customer.remove(&left.customer);
+                    }
+                }
                 state.keep_if_ended(left);
             }
             state.wake(order.id);
@@ -838,6 +854,8 @@ pub struct OrderService {
     inventory: InventoryService,
     settings: Arc<Settings>,
     placement: Placement,
+    /// `orders_refused_total`: new orders refused at the admission limit.
+    refused: Counter,
 }
 
 impl OrderService {
@@ -848,7 +866,8 @@ impl OrderService {
         settings: Arc<Settings>,
         placement: Placement,
     ) -> Self {
-        Self { local, live, inventory, settings, placement }
+        let refused = metrics::counter!("orders_refused_total");
+        Self { local, live, inventory, settings, placement, refused }
     }
 
     fn local(&self) -> Result<&(RouterHandle<OrderMsg>, Store), ServiceError> {
@@ -925,12 +944,20 @@ impl OrderService {
         // them, and under an open-loop overload their backlog grew without end (55,000 orders
         // in memory after 15 s at 9,500 orders/s offered, confirmations 10 s late, fewer
         // confirmed per second than at capacity). Refused here, the client retries later.
-        let in_memory = self.live.in_memory();
-        if in_memory >= self.settings.max_orders_in_flight {
-            metrics::counter!("orders_refused_total").increment(1);
+        // A customer gets a share of the limit, so a few whose payments hang (each order held
+        // up to the payment deadline) cannot lock everyone else out. The check and the
+        // placement are not one step: concurrent placements may pass it together, so the
+        // bound is the limit plus the placements in progress.
+        let (in_memory, customers) = self.live.in_memory(&new.customer);
+        let share = (self.settings.max_orders_in_flight / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
+        if in_memory >= self.settings.max_orders_in_flight || customers >= share {
+            self.refused.increment(1);
+            let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
             return Err(ServiceError::Unavailable {
                 service: "order",
-                detail: format!("{in_memory} orders are in flight on this node, its limit; retry shortly"),
+                detail: format!(
+                    "{in_memory} orders are in flight on this node ({customers} of this customer's), {whose}; retry shortly"
+                ),
             });
         }
         let lines = self.price(&new.items).await?;
