@@ -27,31 +27,22 @@ set -euo pipefail
 for tool in curl python3; do
     command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
-bin=${ORDERMESH_BIN:+$(realpath "$ORDERMESH_BIN")}
+source "$(dirname "$0")/lib.sh"
+resolve_bin
 cd "$(dirname "$0")/.."
-if [ -z "$bin" ]; then
-    cargo build --release --bin ordermesh
-    bin=$(realpath "${CARGO_TARGET_DIR:-target}/release/ordermesh")
-fi
-unset ORDERMESH_BIN
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--concurrency 64 --duration 30s --warmup 5s)
 
 parent=${BENCH_DIR:-${CARGO_TARGET_DIR:-$PWD/target}}
 mkdir -p "$parent"
 dir=$(mktemp -d -p "$parent" bench-dev.XXXXXX)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 export ORDERMESH_JWT_SECRET=bench-dev-secret-that-is-long-enough-0123456789
 export ORDERMESH_LOG=${ORDERMESH_LOG:-warn}
 "$bin" dev --http "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/dev.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 300); do
-    kill -0 "$pid" 2>/dev/null || break
-    curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null && break
-    sleep 0.1
-done
-curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null || { echo "the server did not start:" >&2; cat "$dir/dev.log" >&2; exit 1; }
+wait_ready "$port" "$pid" "$dir/dev.log"
 echo "ordermesh dev ready on 127.0.0.1:$port (pid $pid), data in $dir ($(stat -f -c %T "$dir")); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if [ "${LIMITS:-1}" != 0 ]; then

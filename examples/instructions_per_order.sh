@@ -22,17 +22,12 @@ done
 rate=${1:-150}
 seconds=${2:-15}
 keep=${KEEP:+$(realpath -m "$KEEP")}
-bin=${ORDERMESH_BIN:+$(realpath "$ORDERMESH_BIN")}
+source "$(dirname "$0")/lib.sh"
+resolve_bin
 cd "$(dirname "$0")/.."
-if [ -z "$bin" ]; then
-    cargo build --release --bin ordermesh
-    bin=$(realpath "${CARGO_TARGET_DIR:-target}/release/ordermesh")
-fi
-unset ORDERMESH_BIN
 
 dir=$(mktemp -d)
-# A free port: a server left on a fixed one would answer the readiness check instead.
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 export ORDERMESH_JWT_SECRET=instructions-per-order-secret-long-enough-0123456789
 export ORDERMESH_LOG=warn
 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
@@ -40,12 +35,7 @@ valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
 pid=$!
 bench=""
 trap '{ [ -n "$bench" ] && kill $bench 2>/dev/null; } || true; kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 600); do
-    kill -0 "$pid" 2>/dev/null || break
-    curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null && break
-    sleep 0.2
-done
-curl -sf --max-time 2 "127.0.0.1:$port/readyz" >/dev/null || { echo "the server did not start:" >&2; cat "$dir/dev.log" >&2; exit 1; }
+wait_ready "$port" "$pid" "$dir/dev.log"
 
 # One bench run with a warm-up at the same rate (seeds the skus, warms the caches, and places
 # more orders than the bench has customers, 1,000 in turn, so every token it minted has been
