@@ -182,7 +182,7 @@ impl Default for Config {
             order_body_limit_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_in_flight: 2048,
-            max_orders_in_flight: 10_000,
+            max_orders_in_flight: 2_000,
             payment_deadline_ms: 30_000,
             payment_call_timeout_ms: 2_000,
             payment_inline_wait_ms: 100,

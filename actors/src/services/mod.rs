@@ -86,7 +86,7 @@ impl Default for Settings {
             idempotency_retention: Duration::from_secs(24 * 3600),
             fsync: true,
             commit_interval: StoreOptions::default().min_round_interval,
-            max_orders_in_flight: 10_000,
+            max_orders_in_flight: 2_000,
         }
     }
 }
