@@ -67,6 +67,7 @@ pub struct Settings {
     pub commit_interval: Duration,
     /// Orders in memory on a node (their sagas running) beyond which it refuses new ones
     /// (`Unavailable`: 503 + Retry-After), so an overload queues at the clients, not in sagas.
+    /// One customer may hold a tenth of it.
     pub max_orders_in_flight: usize,
 }
 
