@@ -287,6 +287,7 @@ impl Services {
         let payments = PaymentService::new(payment_local, settings.clone(), placement.clone());
 
         let live_orders = LiveOrders::default();
+        let order_metrics = Arc::new(OrderMetrics::register());
         let order_local = match &order_store {
             Some(store) => {
                 let router = Router::<OrderEntity>::start(
@@ -296,7 +297,7 @@ impl Services {
                         inventory: inventory.clone(),
                         settings: settings.clone(),
                         live: live_orders.clone(),
-                        metrics: Arc::new(OrderMetrics::register()),
+                        metrics: order_metrics.clone(),
                     },
                 )
                 .await
@@ -305,7 +306,8 @@ impl Services {
             }
             None => None,
         };
-        let orders = OrderService::new(order_local, live_orders, inventory.clone(), settings.clone(), placement);
+        let orders =
+            OrderService::new(order_local, live_orders, inventory.clone(), settings.clone(), placement, order_metrics);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut background = JoinSet::new();

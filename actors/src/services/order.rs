@@ -98,6 +98,8 @@ pub struct OrderDeps {
 /// metric up in the recorder's registry (labels copied, hashed, a lock taken) every time.
 pub struct OrderMetrics {
     placed: Counter,
+    /// New orders refused at the admission limit.
+    refused: Counter,
     reserve_seconds: Histogram,
     confirm_seconds: Histogram,
     release_seconds: Histogram,
@@ -111,6 +113,7 @@ impl OrderMetrics {
         let outcomes = std::iter::once("confirmed").chain(CancelReason::ALL.map(CancelReason::as_str));
         OrderMetrics {
             placed: metrics::counter!("orders_placed_total"),
+            refused: metrics::counter!("orders_refused_total"),
             reserve_seconds: step("reserve"),
             confirm_seconds: step("confirm"),
             release_seconds: step("release"),
@@ -854,8 +857,7 @@ pub struct OrderService {
     inventory: InventoryService,
     settings: Arc<Settings>,
     placement: Placement,
-    /// `orders_refused_total`: new orders refused at the admission limit.
-    refused: Counter,
+    metrics: Arc<OrderMetrics>,
 }
 
 impl OrderService {
@@ -865,9 +867,9 @@ impl OrderService {
         inventory: InventoryService,
         settings: Arc<Settings>,
         placement: Placement,
+        metrics: Arc<OrderMetrics>,
     ) -> Self {
-        let refused = metrics::counter!("orders_refused_total");
-        Self { local, live, inventory, settings, placement, refused }
+        Self { local, live, inventory, settings, placement, metrics }
     }
 
     fn local(&self) -> Result<&(RouterHandle<OrderMsg>, Store), ServiceError> {
@@ -951,7 +953,7 @@ impl OrderService {
         let (in_memory, customers) = self.live.in_memory(&new.customer);
         let share = (self.settings.max_orders_in_flight / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
         if in_memory >= self.settings.max_orders_in_flight || customers >= share {
-            self.refused.increment(1);
+            self.metrics.refused.increment(1);
             let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
             return Err(ServiceError::Unavailable {
                 service: "order",
