@@ -1,38 +1,44 @@
-//! Entity hosting: one actor per entity, activated on demand, passivated when idle.
+//! Entity hosting: one actor per active entity, activated on demand, passivated when idle.
 //!
 //! ```text
 //!   RouterHandle ──key active?──yes──▶ EntityActor<E> (key "order-7")   EntityActor<E> (key "sku-42") ...
+//!        │ no: an idle actor? ──yes──▶ EntityActor<E> (now key "order-8")
 //!        │ no                               ▲ spawned and linked (supervised) by the router
 //!        └──────────▶ Router<E> (one per service per node) ──┘
 //! ```
 //!
 //! The active entities of a service are listed in its `Directory` (key -> actor, and how many
 //! messages were delivered to it), shared by the callers, the router and the entities. A
-//! caller delivers to an active entity straight into its mailbox; only a message for a key
-//! with no active entity goes through the router actor, which spawns one and delivers it. (Every
-//! message went through the router before: its hop, a task wake and a mailbox more, was about a
-//! tenth of the CPU of an order under load.) A message for a key being activated may overtake
-//! an earlier one from the same sender still queued at the router (the later one finds the new
-//! entity directly); every handler is idempotent and the services send one-way only their own
-//! `Continue`/`Resume` nudges, so nothing relies on that order. The router never awaits anything but a spawn, so
-//! a slow entity (one replaying a long log, or awaiting a call to another service) blocks only
-//! itself. An entity loads its state lazily on its first message (inside its own actor).
+//! caller delivers to an active entity straight into its mailbox. For a key with no active
+//! entity it takes an idle actor from the directory and activates the key there; only when
+//! none is idle does the message go through the router actor, which spawns one. (Every message
+//! went through the router once: its hop, a task wake and a mailbox more, was about a tenth of
+//! the CPU of an order under load. Then every activation spawned an actor and every passivation
+//! stopped it: a task, four channels, ractor's registry and supervision events, 11% of an
+//! order's instructions, for orders and payments that live for one saga.) A message for a key
+//! being activated may overtake an earlier one from the same sender still queued at the router
+//! (the later one finds the new entity directly); every handler is idempotent and the services
+//! send one-way only their own `Continue`/`Resume` nudges, so nothing relies on that order. The
+//! router never awaits anything but a spawn, so a slow entity (one replaying a long log, or
+//! awaiting a call to another service) blocks only itself. An entity loads its state lazily on
+//! its first message (inside its own actor).
 //!
 //! An entity passivates (when idle, or at once when its work is over) by removing itself from
 //! the directory, which it may do only if it has processed every message delivered to it:
-//! delivery and removal take the same lock, so no message can be delivered to it after that. It
-//! then sends itself `Stop` through its FIFO mailbox; a message for the key after the removal
-//! goes to the router and starts a fresh activation. Two activations of one key can still
-//! overlap for a moment (a `Stop` still queued behind the entity's own messages), which is why
-//! the event log checks expected versions: a stale writer gets a conflict, fails, and its next
-//! activation replays the log.
+//! delivery and removal take the same lock, so no message can be delivered to it after that. Its
+//! actor then drops it and waits idle for another key (or stops, if enough actors are idle); a
+//! message for the key after the removal starts a fresh activation. What the entity sent itself
+//! (a timer that fired as it left, a provider's answer) carries the number of its activation,
+//! and a later activation on the same actor drops it. The event log still checks expected
+//! versions, so a stale writer (in a cluster, an owner that lost a key) gets a conflict, fails,
+//! and its next activation replays the log.
 
 use crate::handle::RouterHandle;
 use dashmap::DashMap;
-use foldhash::HashMap;
+use dashmap::mapref::entry::Entry;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, Message, MessagingErr, SupervisionEvent};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
@@ -80,6 +86,9 @@ pub struct EntityContext<E: Entity> {
     key: String,
     deps: E::Deps,
     myself: ActorRef<EntityMsg<E::Msg>>,
+    /// Which activation of this actor is current (an actor hosts one key after another):
+    /// messages an entity sends itself carry it, and those of an earlier one are dropped.
+    activation: u64,
 }
 
 impl<E: Entity> EntityContext<E> {
@@ -94,45 +103,50 @@ impl<E: Entity> EntityContext<E> {
     /// Queues a message to this entity itself (after whatever is already queued).
     pub fn send_self(&self, msg: E::Msg) {
         // Fails only if the actor is stopping, when the message has no one to act on it anyway.
-        let _ = self.myself.send_message(EntityMsg::FromSelf(msg));
+        let _ = self.myself.send_message(EntityMsg::FromSelf { activation: self.activation, msg });
     }
 
     /// Queues a message to this entity after `delay` (a timer; dropped if the actor stops).
     pub fn send_self_after(&self, delay: Duration, msg: E::Msg) -> JoinHandle<()> {
-        send_after(&self.myself, delay, EntityMsg::FromSelf(msg))
+        send_after(&self.myself, delay, EntityMsg::FromSelf { activation: self.activation, msg })
     }
 
     /// A cheap handle that can post messages to this entity from a spawned task.
     pub fn mailbox(&self) -> Mailbox<E::Msg> {
-        Mailbox(self.myself.clone())
+        Mailbox { actor: self.myself.clone(), activation: self.activation }
     }
 }
 
 /// Posts messages to one entity from outside its handler (e.g. a spawned provider call).
-pub struct Mailbox<M: Send + 'static>(ActorRef<EntityMsg<M>>);
+pub struct Mailbox<M: Send + 'static> {
+    actor: ActorRef<EntityMsg<M>>,
+    activation: u64,
+}
 
 impl<M: Send + 'static> Clone for Mailbox<M> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self { actor: self.actor.clone(), activation: self.activation }
     }
 }
 
 impl<M: Send + 'static> Mailbox<M> {
     pub fn send(&self, msg: M) {
-        let _ = self.0.send_message(EntityMsg::FromSelf(msg));
+        let _ = self.actor.send_message(EntityMsg::FromSelf { activation: self.activation, msg });
     }
 }
 
 /// Messages of an entity actor.
 pub enum EntityMsg<M> {
+    /// The first message of an activation of `key` (the actor was just spawned for it, or taken
+    /// from the directory's idle actors). Counted as delivered.
+    Activate { key: String, msg: M },
     /// Delivered through the directory (counted, for safe passivation).
     Delivered(M),
-    /// Sent by the entity to itself.
-    FromSelf(M),
-    /// The idle timer fired: passivate if nothing arrived meanwhile (else wait out the rest).
-    IdleCheck,
-    /// The entity left the directory: stop after everything queued before this.
-    Stop,
+    /// Sent by the entity to itself, during its activation `activation`.
+    FromSelf { activation: u64, msg: M },
+    /// The idle timer of activation `activation` fired: passivate if nothing arrived meanwhile
+    /// (else wait out the rest).
+    IdleCheck { activation: u64 },
 }
 
 impl<M: Send + 'static> Message for EntityMsg<M> {}
@@ -145,60 +159,145 @@ pub enum RouterMsg<M> {
 
 impl<M: Send + 'static> Message for RouterMsg<M> {}
 
-/// The active entities of one service on this node.
+/// The active entities of one service on this node, and its idle entity actors.
 pub struct Directory<M: Send + 'static> {
     /// Keyed by entity names, some chosen by clients (the skus of an order's lines activate
     /// stock entities before anyone knows they exist): std's hasher, seeded against HashDoS.
     slots: DashMap<String, Slot<M>>,
+    /// Actors whose entity passivated, waiting to host the next key: spawning an actor and
+    /// stopping it again (its task, four channels, ractor's registry and supervision events)
+    /// cost more than an order's saga steps, and most entities (orders, payments) live for
+    /// one saga only.
+    idle: Mutex<Vec<ActorRef<EntityMsg<M>>>>,
+    /// `entities_active{service}`: the slots' count.
+    active: metrics::Gauge,
 }
 
+/// At most this many idle actors are kept per service (a few KiB each); beyond, a passivating
+/// actor stops. Under load a node holds a few hundred entities at a time.
+const IDLE_ACTORS_KEPT: usize = 512;
+
 impl<M: Send + 'static> Directory<M> {
-    /// Delivers `msg` to the active entity `key`, or hands it back if there is none (the router
-    /// must activate one).
-    pub(crate) fn deliver(&self, key: &str, msg: M) -> Result<(), M> {
-        let (id, msg) = {
-            let Some(mut slot) = self.slots.get_mut(key) else {
-                return Err(msg);
-            };
-            match slot.actor.send_message(EntityMsg::Delivered(msg)) {
-                Ok(()) => {
-                    slot.delivered += 1;
-                    return Ok(());
-                }
-                Err(MessagingErr::SendErr(EntityMsg::Delivered(msg))) => (slot.actor.get_id(), msg),
-                // Not a local mailbox (cannot happen: entities are local actors).
-                Err(_) => return Ok(()),
-            }
-        };
-        // The activation stopped (it failed) before the router handled its supervision event:
-        // forget it now (the slot's lock is released), so that the router starts a fresh one.
-        self.forget(key, id);
-        Err(msg)
+    fn new(service: &'static str) -> Self {
+        Self {
+            slots: DashMap::default(),
+            idle: Mutex::default(),
+            active: metrics::gauge!("entities_active", "service" => service),
+        }
     }
 
-    /// Makes `actor`, just spawned by the router for `key`, the key's active entity, with `msg`
-    /// in its mailbox before any caller can see it (so it stays the first).
-    fn activate(&self, key: String, actor: ActorRef<EntityMsg<M>>, msg: M, service: &'static str) {
-        // Only the router adds slots, and it found none for the key before it spawned.
-        let mut slot = self.slots.entry(key).or_insert(Slot { actor, delivered: 0 });
-        slot.delivered += 1;
-        if slot.actor.send_message(EntityMsg::Delivered(msg)).is_err() {
-            // It failed already; its supervision event clears the slot. The message is lost like
-            // any message to a dead actor: callers time out and retry, and every handler is
-            // idempotent.
-            tracing::debug!(service, "entity stopped at once, message dropped");
+    /// Delivers `msg` to the active entity `key`, or activates it on an idle actor; hands the
+    /// message back if neither is possible (the router must spawn an actor).
+    pub(crate) fn deliver(&self, key: &str, msg: M) -> Result<(), M> {
+        let msg = match self.slots.get_mut(key) {
+            Some(mut slot) => match self.deliver_to(&mut slot, msg) {
+                Ok(()) => return Ok(()),
+                Err((id, msg)) => {
+                    drop(slot);
+                    self.forget(key, id);
+                    msg
+                }
+            },
+            None => msg,
+        };
+        let Some(actor) = self.take_idle() else {
+            return Err(msg);
+        };
+        self.activate(key, actor, msg)
+    }
+
+    /// Sends `msg` to the slot's actor. `Err`: the activation stopped (it failed) before the
+    /// router handled its supervision event; the caller forgets it (once the slot's lock is
+    /// released), so that a fresh one starts.
+    fn deliver_to(&self, slot: &mut Slot<M>, msg: M) -> Result<(), (ActorId, M)> {
+        match slot.actor.send_message(EntityMsg::Delivered(msg)) {
+            Ok(()) => {
+                slot.delivered += 1;
+                Ok(())
+            }
+            Err(MessagingErr::SendErr(EntityMsg::Delivered(msg))) => Err((slot.actor.get_id(), msg)),
+            // Not a local mailbox (cannot happen: entities are local actors).
+            Err(_) => Ok(()),
         }
+    }
+
+    /// Makes `actor` (idle, or just spawned by the router) the active entity of `key`, with
+    /// `msg` as its first message; if another caller activated the key meanwhile, delivers there
+    /// and keeps `actor` idle. `Err`: `actor` is dead (its router stopped).
+    fn activate(&self, key: &str, actor: ActorRef<EntityMsg<M>>, msg: M) -> Result<(), M> {
+        match self.slots.entry(key.to_owned()) {
+            Entry::Occupied(mut slot) => {
+                if !self.park(actor.clone()) {
+                    actor.stop(None);
+                }
+                match self.deliver_to(slot.get_mut(), msg) {
+                    Ok(()) => Ok(()),
+                    Err((id, msg)) => {
+                        drop(slot);
+                        self.forget(key, id);
+                        Err(msg)
+                    }
+                }
+            }
+            Entry::Vacant(vacant) => match actor.send_message(EntityMsg::Activate { key: key.to_owned(), msg }) {
+                Ok(()) => {
+                    vacant.insert(Slot { actor, delivered: 1 });
+                    self.active.increment(1.0);
+                    Ok(())
+                }
+                Err(MessagingErr::SendErr(EntityMsg::Activate { msg, .. })) => Err(msg),
+                Err(_) => Ok(()),
+            },
+        }
+    }
+
+    fn take_idle(&self) -> Option<ActorRef<EntityMsg<M>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()
+    }
+
+    /// Keeps `actor` (whose entity left) for the next activation. False if enough are kept.
+    fn park(&self, actor: ActorRef<EntityMsg<M>>) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= IDLE_ACTORS_KEPT {
+            return false;
+        }
+        idle.push(actor);
+        true
     }
 
     /// Removes the activation `id` of `key` if every message delivered to it was processed
     /// (delivery takes the same lock, so none can arrive after). True if it was removed.
     fn leave_if_drained(&self, key: &str, id: ActorId, processed: u64) -> bool {
-        self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id && slot.delivered == processed).is_some()
+        let left =
+            self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id && slot.delivered == processed).is_some();
+        if left {
+            self.active.decrement(1.0);
+        }
+        left
     }
 
     /// Forgets the activation `id` of `key` (not a newer one that replaced it).
     fn forget(&self, key: &str, id: ActorId) {
-        self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id);
+        if self.slots.remove_if(key, |_, slot| slot.actor.get_id() == id).is_some() {
+            self.active.decrement(1.0);
+        }
+    }
+
+    /// Forgets the actor `id`, which failed, and returns the key it hosted. A scan of the slots,
+    /// but an actor fails only on a storage error or a bug.
+    fn forget_failed(&self, id: ActorId) -> Option<String> {
+        let mut hosted = None;
+        self.slots.retain(|key, slot| {
+            let its = slot.actor.get_id() == id;
+            if its {
+                hosted = Some(key.clone());
+            }
+            !its
+        });
+        if hosted.is_some() {
+            self.active.decrement(1.0);
+        }
+        hosted
     }
 
     /// How many entities are active.
@@ -222,7 +321,7 @@ impl<E: Entity> Router<E> {
     /// Starts a router; entities are spawned as its linked children.
     pub async fn start(options: HostingOptions, deps: E::Deps) -> Result<RouterHandle<E::Msg>, ActorProcessingErr> {
         let service = options.service;
-        let directory = Arc::new(Directory { slots: DashMap::default() });
+        let directory = Arc::new(Directory::new(service));
         let args = (options, deps, directory.clone());
         let (router, _join) = Actor::spawn(None, Router::<E>(std::marker::PhantomData), args).await?;
         Ok(RouterHandle::new(router, directory, service))
@@ -239,9 +338,6 @@ pub struct RouterState<E: Entity> {
     options: HostingOptions,
     deps: E::Deps,
     directory: Arc<Directory<E::Msg>>,
-    keys_by_actor: HashMap<ActorId, String>,
-    /// `entities_active{service}`, looked up once: two changes per entity.
-    active: metrics::Gauge,
 }
 
 impl<E: Entity> Actor for Router<E> {
@@ -254,8 +350,7 @@ impl<E: Entity> Actor for Router<E> {
         _myself: ActorRef<Self::Msg>,
         (options, deps, directory): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let active = metrics::gauge!("entities_active", "service" => options.service);
-        Ok(RouterState { options, deps, directory, keys_by_actor: HashMap::default(), active })
+        Ok(RouterState { options, deps, directory })
     }
 
     async fn handle(
@@ -265,28 +360,31 @@ impl<E: Entity> Actor for Router<E> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RouterMsg::Deliver { key, msg } = msg;
-        let service = state.options.service;
-        // Activated meanwhile (by an earlier message for the key queued here): deliver to it.
+        // Activated meanwhile (by an earlier message for the key queued here), or an actor
+        // became idle: no spawn.
         let Err(msg) = state.directory.deliver(&key, msg) else {
             return Ok(());
         };
         let args = EntityArgs::<E> {
-            key: key.clone(),
             deps: state.deps.clone(),
             directory: state.directory.clone(),
             idle_after: state.options.idle_after,
         };
         let (actor, _) =
             Actor::spawn_linked(None, EntityActor::<E>(std::marker::PhantomData), args, myself.get_cell()).await?;
-        state.active.increment(1.0);
-        state.keys_by_actor.insert(actor.get_id(), key.clone());
-        state.directory.activate(key, actor, msg, service);
+        if state.directory.activate(&key, actor, msg).is_err() {
+            // It failed already (it cannot: it has not run anything yet). The message is lost
+            // like any message to a dead actor: callers time out and retry, and every handler
+            // is idempotent.
+            tracing::debug!(service = state.options.service, "entity stopped at once, message dropped");
+        }
         Ok(())
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         // Its entities stop with it (linked children): none is active any more.
         state.directory.slots.clear();
+        state.directory.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
         Ok(())
     }
 
@@ -296,20 +394,11 @@ impl<E: Entity> Actor for Router<E> {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // An entity stopped (passivated) or failed: forget it, but only if the slot still
-        // holds that activation (a newer one may have replaced it).
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err)),
-            _ => return Ok(()),
-        };
-        let id = cell.get_id();
-        if let Some(key) = state.keys_by_actor.remove(&id) {
-            state.active.decrement(1.0);
-            if let Some(err) = failure {
-                tracing::warn!(service = state.options.service, key, error = %err, "entity failed; it reloads on its next message");
-            }
-            state.directory.forget(&key, id);
+        // An entity actor that failed is forgotten. (One that stopped had left the directory
+        // first: enough were idle. Nothing else stops them but the router's own stop.)
+        if let SupervisionEvent::ActorFailed(cell, err) = event {
+            let key = state.directory.forget_failed(cell.get_id());
+            tracing::warn!(service = state.options.service, ?key, error = %err, "entity failed; it reloads on its next message");
         }
         Ok(())
     }
@@ -318,18 +407,18 @@ impl<E: Entity> Actor for Router<E> {
 struct EntityActor<E: Entity>(std::marker::PhantomData<fn() -> E>);
 
 struct EntityArgs<E: Entity> {
-    key: String,
     deps: E::Deps,
     directory: Arc<Directory<E::Msg>>,
     idle_after: Duration,
 }
 
 struct EntityState<E: Entity> {
+    /// Its key is that of the current activation (empty while idle).
     ctx: EntityContext<E>,
     directory: Arc<Directory<E::Msg>>,
-    /// `None` until the first message loads it.
+    /// `None` until the first message of an activation loads it.
     entity: Option<E>,
-    /// Messages delivered through the directory and processed.
+    /// Messages of this activation delivered through the directory and processed.
     processed: u64,
     last_activity: Instant,
     idle_after: Duration,
@@ -351,7 +440,7 @@ impl<E: Entity> Actor for EntityActor<E> {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Nothing slow here: the router awaits this. Loading happens on the first message.
         Ok(EntityState {
-            ctx: EntityContext { key: args.key, deps: args.deps, myself },
+            ctx: EntityContext { key: String::new(), deps: args.deps, myself, activation: 0 },
             directory: args.directory,
             entity: None,
             processed: 0,
@@ -375,23 +464,28 @@ impl<E: Entity> Actor for EntityActor<E> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
+            EntityMsg::Activate { key, msg } => {
+                state.ctx.key = key;
+                state.processed = 1;
+                msg
+            }
             EntityMsg::Delivered(msg) => {
                 state.processed += 1;
                 msg
             }
-            EntityMsg::FromSelf(msg) => msg,
-            EntityMsg::Stop => {
-                myself.stop(Some("passivated".into()));
-                return Ok(());
-            }
-            EntityMsg::IdleCheck => {
-                state.idle_timer = None;
-                if state.entity.as_ref().is_none_or(E::can_passivate) {
-                    let idle_for = state.last_activity.elapsed();
-                    if idle_for >= state.idle_after {
-                        passivate_if_drained(&myself, state);
-                    } else {
-                        arm_idle_timer(&myself, state, state.idle_after - idle_for);
+            EntityMsg::FromSelf { activation, msg } if activation == state.ctx.activation => msg,
+            // Sent by an earlier activation of this actor (a timer that fired as it left).
+            EntityMsg::FromSelf { .. } => return Ok(()),
+            EntityMsg::IdleCheck { activation } => {
+                if activation == state.ctx.activation {
+                    state.idle_timer = None;
+                    if state.entity.as_ref().is_none_or(E::can_passivate) {
+                        let idle_for = state.last_activity.elapsed();
+                        if idle_for >= state.idle_after {
+                            passivate_if_drained(&myself, state);
+                        } else {
+                            arm_idle_timer(&myself, state, state.idle_after - idle_for);
+                        }
                     }
                 }
                 return Ok(());
@@ -422,7 +516,8 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 fn arm_idle_timer<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &mut EntityState<E>, after: Duration) {
-    state.idle_timer = Some(send_after(myself, after, EntityMsg::IdleCheck));
+    let check = EntityMsg::IdleCheck { activation: state.ctx.activation };
+    state.idle_timer = Some(send_after(myself, after, check));
 }
 
 /// Sends `msg` to `actor` after `delay` (a timer task; abort the handle to cancel it). Not
@@ -435,10 +530,23 @@ fn send_after<M: Send + 'static>(actor: &ActorRef<EntityMsg<M>>, delay: Duration
     })
 }
 
-/// Leaves the directory and stops, if every message delivered to this activation has been
-/// processed.
-fn passivate_if_drained<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &EntityState<E>) {
-    if state.directory.leave_if_drained(&state.ctx.key, myself.get_id(), state.processed) {
-        let _ = myself.send_message(EntityMsg::Stop);
+/// Leaves the directory, if every message delivered to this activation has been processed, and
+/// waits idle for the next key (or stops, if enough actors are idle).
+fn passivate_if_drained<E: Entity>(myself: &ActorRef<EntityMsg<E::Msg>>, state: &mut EntityState<E>) {
+    if !state.directory.leave_if_drained(&state.ctx.key, myself.get_id(), state.processed) {
+        return;
+    }
+    // Dropped now, not when the actor stops: an entity's `Drop` may let go of things (timers,
+    // the order service's view of live orders).
+    state.entity = None;
+    if let Some(timer) = state.idle_timer.take() {
+        timer.abort();
+    }
+    state.processed = 0;
+    state.ctx.key.clear();
+    // Whatever this activation sent itself and is still queued or on its way is now stale.
+    state.ctx.activation += 1;
+    if !state.directory.park(myself.clone()) {
+        myself.stop(Some("passivated".into()));
     }
 }

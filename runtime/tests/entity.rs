@@ -190,3 +190,76 @@ async fn no_message_is_lost_and_activations_never_overlap_while_entities_come_an
     assert!(activations > 20, "entities should have come and gone, got {activations} activations");
     assert_eq!(deps.stale.load(Ordering::SeqCst), 0, "an activation handled a message after a newer one started");
 }
+
+/// An entity that schedules a `Tick` to itself when started; `Start { finish: true }` ends its
+/// work at once (so it leaves with its tick still pending), `false` waits for the tick.
+struct Ticker {
+    key: String,
+    ticked: bool,
+    finish_now: bool,
+    deps: Ticks,
+}
+
+enum TickerMsg {
+    Start { finish: bool, reply: RpcReplyPort<()> },
+    Tick,
+}
+
+/// The keys whose entity handled a tick, in order.
+#[derive(Clone, Default)]
+struct Ticks(Arc<Mutex<Vec<String>>>);
+
+impl Entity for Ticker {
+    type Msg = TickerMsg;
+    type Deps = Ticks;
+
+    async fn activate(key: &str, deps: &Ticks) -> Result<Self, ActorProcessingErr> {
+        Ok(Ticker { key: key.to_owned(), ticked: false, finish_now: false, deps: deps.clone() })
+    }
+
+    async fn handle(&mut self, msg: TickerMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TickerMsg::Start { finish, reply } => {
+                self.finish_now = finish;
+                // The timer's handle is dropped: the tick is sent whatever became of the entity.
+                drop(ctx.send_self_after(Duration::from_millis(50), TickerMsg::Tick));
+                let _ = reply.send(());
+            }
+            TickerMsg::Tick => {
+                self.ticked = true;
+                self.deps.0.lock().unwrap().push(self.key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn finished(&self) -> bool {
+        self.finish_now || self.ticked
+    }
+}
+
+#[tokio::test]
+async fn a_message_an_entity_sent_itself_reaches_that_activation_only() {
+    let ticks = Ticks::default();
+    let options = HostingOptions { service: "ticker", idle_after: Duration::from_secs(3600) };
+    let handle = Router::<Ticker>::start(options, ticks.clone()).await.unwrap();
+    let start = |key: &'static str, finish: bool| {
+        let handle = handle.clone();
+        async move {
+            handle.call(key, |reply| TickerMsg::Start { finish, reply }, Duration::from_secs(5)).await.unwrap();
+        }
+    };
+
+    // "gone" leaves at once with its tick pending; its actor is idle, then hosts "next", which
+    // waits for a tick of its own. "gone"'s tick must reach neither "next" nor a new "gone".
+    start("gone", true).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while handle.active_entities() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a finished entity stayed in memory");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start("next", false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*ticks.0.lock().unwrap(), vec!["next".to_owned()], "each tick reaches the activation that sent it");
+    assert_eq!(handle.active_entities(), 0, "\"next\" finished on its tick and left");
+}
