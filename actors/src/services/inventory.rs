@@ -11,15 +11,17 @@ use crate::domain::{
 };
 use crate::error::ServiceError;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
-use ordermesh_storage::{Append, KeyValue, Snapshot, Store, WriteBatch, codec};
+use ordermesh_storage::{Append, KeyValue, Snapshot, StorageError, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use std::sync::Arc;
 
 pub enum InventoryMsg {
-    /// Runs one stock command; replies with the item after it.
-    Execute { command: StockCommand, reply: RpcReplyPort<Result<StockView, StockRejection>> },
-    /// Reads the item (`None`: unknown sku).
+    /// Runs one stock command; replies with the item after it, once that is durable.
+    Execute { command: StockCommand, reply: RpcReplyPort<StockAnswer> },
+    /// Reads the item as of its last durable write (`None`: unknown sku).
     Get { reply: RpcReplyPort<Option<StockView>> },
+    /// Sent by the entity to itself: the write it started last is durable (or failed).
+    Written(Result<(), StorageError>),
 }
 
 #[derive(Clone)]
@@ -34,11 +36,59 @@ struct StockSnapshot {
     item: StockItem,
 }
 
+/// A stock item decides its commands one at a time but writes them in groups: every command
+/// that arrives while a write is on its way to disk is decided at once (on the item as those
+/// decisions leave it) and waits for the next write, which carries them all. Each command's
+/// answer goes out only when everything decided before it is durable, so nobody acts on a
+/// reservation or release that a crash could still undo. Why: with one write per command a
+/// sku took at most one command per fsync round (about 1-2 ms under load), and every order
+/// asks it twice (reserve, commit) plus a price quote that queued behind them: a closed loop
+/// of 64 did 1,718 orders/s on one sku and 3,888 on ten, against 8,258 on a thousand.
 pub struct StockEntity {
     sku: Sku,
+    /// The item after every command decided so far, written or not: new commands are decided
+    /// on it.
     item: StockItem,
-    version: u64,
+    /// The item's version in the store (as of its last durable write).
+    durable_version: u64,
+    /// What `Get` answers: the item as of its last durable write.
+    durable_view: Option<StockView>,
     events_since_snapshot: u64,
+    /// Decided since the write in flight started, waiting for the next one.
+    queued: Decided,
+    /// The write on its way to disk, if any.
+    writing: Option<Writing>,
+}
+
+/// Commands decided but not yet durable: their events (already applied to the item) and the
+/// answers their callers wait for, in order.
+#[derive(Default)]
+struct Decided {
+    events: Vec<StockEvent>,
+    answers: Vec<(RpcReplyPort<StockAnswer>, StockAnswer)>,
+}
+
+/// What a stock command answers: the item after it, or why it was refused.
+type StockAnswer = Result<StockView, StockRejection>;
+
+struct Writing {
+    decided: Decided,
+    /// The item's version and view once this write is durable.
+    version: u64,
+    view: Option<StockView>,
+}
+
+impl Decided {
+    fn answer_all(self) {
+        for (reply, answer) in self.answers {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// How `order`'s hold ended, if one of these events settles it (the last one that does).
+    fn settled(&self, order: OrderId) -> Option<Settled> {
+        self.events.iter().rev().filter_map(StockEvent::settles).find(|(o, _)| *o == order).map(|(_, s)| s)
+    }
 }
 
 impl Entity for StockEntity {
@@ -57,64 +107,112 @@ impl Entity for StockEntity {
             item.apply(&codec::decode::<StockEvent>(&stored.bytes)?);
             version = stored.seq;
         }
-        Ok(Self { sku, item, version, events_since_snapshot: replayed })
+        let durable_view = item.known.then(|| item.sku_view(&sku));
+        Ok(Self {
+            sku,
+            item,
+            durable_version: version,
+            durable_view,
+            events_since_snapshot: replayed,
+            queued: Decided::default(),
+            writing: None,
+        })
     }
 
     async fn handle(&mut self, msg: InventoryMsg, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
         match msg {
             InventoryMsg::Get { reply } => {
-                let _ = reply.send(self.item.known.then(|| self.item.sku_view(&self.sku)));
+                let _ = reply.send(self.durable_view.clone());
             }
             InventoryMsg::Execute { command, reply } => {
                 let store = &ctx.deps().store;
-                let decided = self.item.decide(&command, |order| read_settled(store, &self.sku, order))?;
-                let events = match decided {
-                    Ok(events) => events,
-                    Err(rejection) => {
-                        let _ = reply.send(Err(rejection));
-                        return Ok(());
+                // An order the item holds nothing for may have been settled by a command not yet
+                // durable: those are looked at before the store.
+                let decided = self.item.decide(&command, |order| {
+                    match self.queued.settled(order).or_else(|| self.writing.as_ref()?.decided.settled(order)) {
+                        Some(settled) => Ok(Some(settled)),
+                        None => read_settled(store, &self.sku, order),
                     }
+                })?;
+                let answer = match decided {
+                    Ok(events) => {
+                        events.iter().for_each(|e| self.item.apply(e));
+                        self.queued.events.extend(events);
+                        Ok(self.item.sku_view(&self.sku))
+                    }
+                    Err(rejection) => Err(rejection),
                 };
-                if !events.is_empty() {
-                    // A storage error stops this actor; the caller sees its reply port dropped
-                    // and retries, and the next activation replays what is really on disk.
-                    self.persist(ctx.deps(), &events).await?;
+                self.queued.answers.push((reply, answer));
+                if self.writing.is_none() {
+                    self.write_queued(ctx)?;
                 }
-                let _ = reply.send(Ok(self.item.sku_view(&self.sku)));
+            }
+            InventoryMsg::Written(result) => {
+                result?;
+                if let Some(written) = self.writing.take() {
+                    self.durable_version = written.version;
+                    self.durable_view = written.view;
+                    written.decided.answer_all();
+                }
+                self.write_queued(ctx)?;
             }
         }
         Ok(())
     }
+
+    /// Not while a write is on its way: its answers and its `Written` belong to this activation.
+    fn can_passivate(&self) -> bool {
+        self.writing.is_none() && self.queued.answers.is_empty()
+    }
 }
 
 impl StockEntity {
-    async fn persist(&mut self, deps: &InventoryDeps, events: &[StockEvent]) -> Result<(), ActorProcessingErr> {
-        let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
-        let new_version = self.version + events.len() as u64;
-        let index_put = events
+    /// Starts the write of every command queued (its answers go out when it is durable); with
+    /// no events among them, answers them at once (nothing is in flight before them).
+    fn write_queued(&mut self, ctx: &EntityContext<Self>) -> Result<(), ActorProcessingErr> {
+        let decided = std::mem::take(&mut self.queued);
+        if decided.events.is_empty() {
+            decided.answer_all();
+            return Ok(());
+        }
+        let deps = ctx.deps();
+        let encoded = decided.events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
+        let version = self.durable_version + decided.events.len() as u64;
+        let index_put = decided
+            .events
             .iter()
             .filter_map(StockEvent::settles)
             .map(|(order, settled)| Ok((settled_key(&self.sku, order), codec::encode(&settled)?)))
             .collect::<Result<Vec<KeyValue>, ActorProcessingErr>>()?;
         let mut batch = WriteBatch {
-            appends: vec![Append { entity: self.sku.to_string(), expected_version: self.version, events: encoded }],
+            appends: vec![Append {
+                entity: self.sku.to_string(),
+                expected_version: self.durable_version,
+                events: encoded,
+            }],
             index_put,
             ..WriteBatch::default()
         };
-        let since = self.events_since_snapshot + events.len() as u64;
-        let snapshot_due = since >= deps.settings.snapshot_every;
-        if snapshot_due {
-            // Only here the next state is needed before the commit: no clone per command.
-            let mut next = self.item.clone();
-            events.iter().for_each(|e| next.apply(e));
-            let bytes = codec::encode(&StockSnapshot { item: next })?;
-            batch.snapshots.push(Snapshot { entity: self.sku.to_string(), seq: new_version, bytes });
+        // The item holds exactly what this write makes durable (nothing is queued after it yet).
+        let since = self.events_since_snapshot + decided.events.len() as u64;
+        if since >= deps.settings.snapshot_every {
+            let bytes = codec::encode(&StockSnapshot { item: self.item.clone() })?;
+            batch.snapshots.push(Snapshot { entity: self.sku.to_string(), seq: version, bytes });
+            self.events_since_snapshot = 0;
+        } else {
+            self.events_since_snapshot = since;
         }
-        deps.store.commit(batch).await?;
-        // Durable: now the state may change.
-        events.iter().for_each(|e| self.item.apply(e));
-        self.version = new_version;
-        self.events_since_snapshot = if snapshot_due { 0 } else { since };
+        let view = self.item.known.then(|| self.item.sku_view(&self.sku));
+        self.writing = Some(Writing { decided, version, view });
+        // A task of its own, so that the commands arriving meanwhile are decided and queued for
+        // the next write. A failed write stops the actor (at `Written`): its callers see their
+        // reply ports dropped and retry, and the next activation replays what is on disk.
+        let store = deps.store.clone();
+        let mailbox = ctx.mailbox();
+        tokio::spawn(async move {
+            let result = store.commit(batch).await.map(drop);
+            mailbox.send(InventoryMsg::Written(result));
+        });
         Ok(())
     }
 }
@@ -301,5 +399,80 @@ impl InventoryService {
         if let Some(router) = &self.router {
             router.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::domain::Quantity;
+    use ordermesh_runtime::{HostingOptions, Router};
+    use ordermesh_storage::StoreOptions;
+
+    async fn start(store: &Store) -> InventoryService {
+        let settings = Arc::new(Settings::default());
+        let deps = InventoryDeps { store: store.clone(), settings: settings.clone() };
+        let options = HostingOptions { service: "inventory", idle_after: std::time::Duration::from_secs(30) };
+        let router = Router::<StockEntity>::start(options, deps).await.unwrap();
+        InventoryService::new(Some(router), settings, None)
+    }
+
+    fn view(available: u64, reserved: u64) -> StockView {
+        StockView { sku: Sku::parse("hot").unwrap(), available, reserved, price: Money::from_cents(100) }
+    }
+
+    /// Commands that arrive while a write is on its way are decided at once and written together,
+    /// never beyond the stock; a command on an order settled by a write not yet durable sees it;
+    /// and what a restart replays is what the answers said.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_arriving_during_a_write_share_the_next_one_and_never_oversell() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let inventory = start(&store).await;
+        let hot = Sku::parse("hot").unwrap();
+        inventory.set_stock(&hot, 150, Money::from_cents(100)).await.unwrap();
+
+        let writes_before = store.stats().writes;
+        let one = Quantity::new(1).unwrap();
+        let reserves = (0..200u128).map(|i| {
+            let inventory = inventory.clone();
+            let hot = hot.clone();
+            tokio::spawn(async move { inventory.reserve(&hot, OrderId::from_u128(i + 1), one).await.unwrap() })
+        });
+        let mut reserved = 0;
+        for reserve in reserves.collect::<Vec<_>>() {
+            match reserve.await.unwrap() {
+                Ok(_) => reserved += 1,
+                Err(rejection) => {
+                    assert!(matches!(rejection, StockRejection::OutOfStock { available: 0 }), "{rejection:?}")
+                }
+            }
+        }
+        assert_eq!(reserved, 150);
+        // One write per reservation before (150); the commands queued behind a write share the next.
+        let writes = store.stats().writes - writes_before;
+        assert!(writes < 150, "{writes} writes for 150 reservations");
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(0, 150)));
+
+        // Sent in this order without waiting: the release sees the commit queued before it, and
+        // the second release the first (no tombstone, no second give-back).
+        let order = OrderId::from_u128(1);
+        let (commit, release, again) =
+            tokio::join!(inventory.commit(&hot, order), inventory.release(&hot, order), inventory.release(&hot, order));
+        assert_eq!(commit.unwrap(), Ok(view(0, 149)));
+        assert_eq!(release.unwrap(), Ok(view(1, 149)));
+        assert_eq!(again.unwrap(), Ok(view(1, 149)));
+        let late = inventory.reserve(&hot, order, one).await.unwrap();
+        assert_eq!(late, Err(StockRejection::AlreadyReleased));
+
+        inventory.stop();
+        store.close().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let inventory = start(&store).await;
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(1, 149)));
+        assert_eq!(inventory.reserve(&hot, order, one).await.unwrap(), Err(StockRejection::AlreadyReleased));
     }
 }
