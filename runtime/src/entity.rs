@@ -30,8 +30,8 @@
 //! message for the key after the removal starts a fresh activation. What the entity sent itself
 //! (a timer that fired as it left, a provider's answer) carries the number of its activation,
 //! and a later activation on the same actor drops it. The event log still checks expected
-//! versions, so a stale writer (in a cluster, an owner that lost a key) gets a conflict, fails,
-//! and its next activation replays the log.
+//! versions, so a stale writer on this node's store (an activation whose write was still on its
+//! way when it failed, say) gets a conflict, fails, and its next activation replays the log.
 
 use crate::handle::RouterHandle;
 use dashmap::DashMap;
@@ -100,13 +100,16 @@ impl<E: Entity> EntityContext<E> {
         &self.deps
     }
 
-    /// Queues a message to this entity itself (after whatever is already queued).
+    /// Queues a message to this entity itself (after whatever is already queued). Dropped if
+    /// this activation leaves first: one sent while handling the message after which the entity
+    /// is [`Entity::finished`] never arrives.
     pub fn send_self(&self, msg: E::Msg) {
         // Fails only if the actor is stopping, when the message has no one to act on it anyway.
         let _ = self.myself.send_message(EntityMsg::FromSelf { activation: self.activation, msg });
     }
 
-    /// Queues a message to this entity after `delay` (a timer; dropped if the actor stops).
+    /// Queues a message to this entity after `delay` (a timer; dropped once this activation has
+    /// left).
     pub fn send_self_after(&self, delay: Duration, msg: E::Msg) -> JoinHandle<()> {
         send_after(&self.myself, delay, EntityMsg::FromSelf { activation: self.activation, msg })
     }
@@ -383,6 +386,7 @@ impl<E: Entity> Actor for Router<E> {
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         // Its entities stop with it (linked children): none is active any more.
+        state.directory.active.decrement(state.directory.slots.len() as f64);
         state.directory.slots.clear();
         state.directory.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
         Ok(())

@@ -1,6 +1,6 @@
 //! The caller's side of a service's entities: send or call an entity by key, with a timeout on
 //! every call. An active entity gets the message straight into its mailbox; otherwise the
-//! router activates one (see `entity.rs`).
+//! caller activates the key on an idle entity actor, or the router spawns one (see `entity.rs`).
 
 use crate::entity::{Directory, RouterMsg};
 use ractor::{ActorRef, RpcReplyPort};

@@ -10,9 +10,11 @@ use crate::domain::{
     Money, OrderId, Quantity, Settled, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView,
 };
 use crate::error::ServiceError;
+use futures_util::FutureExt;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
-use ordermesh_storage::{Append, KeyValue, Snapshot, StorageError, Store, WriteBatch, codec};
+use ordermesh_storage::{Append, KeyValue, Snapshot, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 pub enum InventoryMsg {
@@ -20,8 +22,9 @@ pub enum InventoryMsg {
     Execute { command: StockCommand, reply: RpcReplyPort<StockAnswer> },
     /// Reads the item as of its last durable write (`None`: unknown sku).
     Get { reply: RpcReplyPort<Option<StockView>> },
-    /// Sent by the entity to itself: the write it started last is durable (or failed).
-    Written(Result<(), StorageError>),
+    /// Sent by the entity to itself: the write it started last is durable (or failed, or
+    /// panicked).
+    Written(Result<(), ActorProcessingErr>),
 }
 
 #[derive(Clone)]
@@ -107,6 +110,11 @@ impl Entity for StockEntity {
             item.apply(&codec::decode::<StockEvent>(&stored.bytes)?);
             version = stored.seq;
         }
+        // A write of an earlier activation that failed on something else may still be on its
+        // way (its task outlives the actor): once that is durable too, nothing this activation
+        // read and answers from can be undone by a crash. (An empty write is a barrier: its
+        // round syncs every write before it.)
+        deps.store.commit(WriteBatch::default()).await?;
         let durable_view = item.known.then(|| item.sku_view(&sku));
         Ok(Self {
             sku,
@@ -207,10 +215,15 @@ impl StockEntity {
         // A task of its own, so that the commands arriving meanwhile are decided and queued for
         // the next write. A failed write stops the actor (at `Written`): its callers see their
         // reply ports dropped and retry, and the next activation replays what is on disk.
+        // A panic is turned into a failed write: without a `Written`, the item would wait for it
+        // forever.
         let store = deps.store.clone();
         let mailbox = ctx.mailbox();
         tokio::spawn(async move {
-            let result = store.commit(batch).await.map(drop);
+            let result = match AssertUnwindSafe(store.commit(batch)).catch_unwind().await {
+                Ok(result) => result.map(drop).map_err(ActorProcessingErr::from),
+                Err(_panic) => Err("the stock item's write panicked".into()),
+            };
             mailbox.send(InventoryMsg::Written(result));
         });
         Ok(())
@@ -474,5 +487,26 @@ mod tests {
         let inventory = start(&store).await;
         assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(1, 149)));
         assert_eq!(inventory.reserve(&hot, order, one).await.unwrap(), Err(StockRejection::AlreadyReleased));
+    }
+
+    /// A write that fails (here a conflict: another writer appended to the item's log behind its
+    /// back) stops the item: the callers waiting for that write get an error, and the next
+    /// command activates the item again from what the log holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_fails_its_callers_and_the_next_command_replays_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let inventory = start(&store).await;
+        let hot = Sku::parse("hot").unwrap();
+        inventory.set_stock(&hot, 10, Money::from_cents(100)).await.unwrap();
+        let event = codec::encode(&StockEvent::StockSet { available: 5, price: Money::from_cents(100) }).unwrap();
+        let behind = Append { entity: "hot".into(), expected_version: 1, events: vec![event] };
+        store.commit(WriteBatch { appends: vec![behind], ..WriteBatch::default() }).await.unwrap();
+
+        let one = Quantity::new(1).unwrap();
+        let failed = inventory.reserve(&hot, OrderId::from_u128(1), one).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(inventory.reserve(&hot, OrderId::from_u128(1), one).await.unwrap(), Ok(view(4, 1)));
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(4, 1)));
     }
 }
