@@ -111,10 +111,13 @@ impl Entity for StockEntity {
             version = stored.seq;
         }
         // A write of an earlier activation that failed on something else may still be on its
-        // way (its task outlives the actor): once that is durable too, nothing this activation
-        // read and answers from can be undone by a crash. (An empty write is a barrier: its
-        // round syncs every write before it.)
-        deps.store.commit(WriteBatch::default()).await?;
+        // way (its task outlives the actor) and be among what was just read: once it is durable
+        // too, nothing this activation answers from can be undone by a crash. (An empty write is
+        // a barrier: its round syncs every write before it.) An item with nothing in the store
+        // read nothing to undo; so an order naming an unknown sku writes nothing.
+        if version > 0 {
+            deps.store.commit(WriteBatch::default()).await?;
+        }
         let durable_view = item.known.then(|| item.sku_view(&sku));
         Ok(Self {
             sku,
