@@ -94,9 +94,13 @@ fn kill_nine_loses_no_acknowledged_order() {
             .args(["crash_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(DIR_VAR, dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Kept to say why, should a child fail on its own (a store it cannot open, say).
+        let stderr = child.stderr.take().unwrap();
+        let errors =
+            std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             BufReader::new(stdout)
@@ -112,6 +116,9 @@ fn kill_nine_loses_no_acknowledged_order() {
         child.wait().unwrap();
         let acked = reader.join().unwrap();
         eprintln!("round {round}: killed after {delay:?}, {} orders acknowledged", acked.len());
+        if let Some(last) = errors.join().unwrap().iter().rev().find(|line| !line.trim().is_empty()) {
+            eprintln!("round {round}: the child's stderr ends with: {last}");
+        }
         acknowledged.extend(acked);
     }
     assert!(acknowledged.len() >= 100, "too few orders acknowledged ({}) to mean anything", acknowledged.len());
