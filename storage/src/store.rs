@@ -839,6 +839,7 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
         // Durability comes from our write-ahead log and sled is flushed at our checkpoints;
         // sled's background flusher would only add I/O and contend with the committer.
         .flush_every_ms(None);
+    remove_unfinished_sled_snapshots(&path)?;
     // sled 0.34 has unwraps in its recovery path; a corrupt file must be an error naming the
     // store, not a crashed node.
     let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
@@ -960,6 +961,25 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
 /// time one fills: with its default of 512 KiB that was a fifth of the saga bench's CPU; at 8 MiB
 /// it writes 16 times less often. sled refuses to open a database with a size other than the one
 /// it was created with, so an existing store keeps the size in its `conf` file.
+/// Removes the snapshots sled was killed writing. sled 0.34 writes a snapshot of its page table
+/// at every open into `snap.<lsn>.generating` and renames it to `snap.<lsn>` once synced, and
+/// deletes the older ones only after that; but it lists `.generating` files among the snapshots
+/// it reads, and takes the last one by name, so a kill before the rename left a half-written
+/// file that it then refused as corrupt at every later open (`Corruption { at: None }`: seen in
+/// the kill -9 crash test). Without it, sled reads the previous snapshot and its log, as if the
+/// kill had come before the write began.
+fn remove_unfinished_sled_snapshots(path: &Path) -> Result<(), StorageError> {
+    for entry in fs::read_dir(path).map_err(|e| open_error(path, e))? {
+        let file = entry.map_err(|e| open_error(path, e))?.path();
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(store = %path.display(), file = name, "removing a snapshot sled did not finish writing");
+            fs::remove_file(&file).map_err(|e| open_error(path, e))?;
+        }
+    }
+    Ok(())
+}
+
 fn segment_size(path: &Path) -> usize {
     const NEW_STORES: usize = 8 * 1024 * 1024;
     fs::read_to_string(path.join("conf"))
