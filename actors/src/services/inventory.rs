@@ -435,6 +435,16 @@ mod tests {
         InventoryService::new(Some(router), settings, None)
     }
 
+    /// A store in a new directory, its inventory service, and the sku `hot` with `units` in stock.
+    async fn start_with_hot(units: u64) -> (tempfile::TempDir, Store, InventoryService, Sku) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let inventory = start(&store).await;
+        let hot = Sku::parse("hot").unwrap();
+        inventory.set_stock(&hot, units, Money::from_cents(100)).await.unwrap();
+        (dir, store, inventory, hot)
+    }
+
     fn view(available: u64, reserved: u64) -> StockView {
         StockView { sku: Sku::parse("hot").unwrap(), available, reserved, price: Money::from_cents(100) }
     }
@@ -444,11 +454,7 @@ mod tests {
     /// and what a restart replays is what the answers said.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn commands_arriving_during_a_write_share_the_next_one_and_never_oversell() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let inventory = start(&store).await;
-        let hot = Sku::parse("hot").unwrap();
-        inventory.set_stock(&hot, 150, Money::from_cents(100)).await.unwrap();
+        let (dir, store, inventory, hot) = start_with_hot(150).await;
 
         let writes_before = store.stats().writes;
         let one = Quantity::new(1).unwrap();
@@ -497,11 +503,7 @@ mod tests {
     /// command activates the item again from what the log holds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_fails_its_callers_and_the_next_command_replays_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let inventory = start(&store).await;
-        let hot = Sku::parse("hot").unwrap();
-        inventory.set_stock(&hot, 10, Money::from_cents(100)).await.unwrap();
+        let (_dir, store, inventory, hot) = start_with_hot(10).await;
         let event = codec::encode(&StockEvent::StockSet { available: 5, price: Money::from_cents(100) }).unwrap();
         let behind = Append { entity: "hot".into(), expected_version: 1, events: vec![event] };
         store.commit(WriteBatch { appends: vec![behind], ..WriteBatch::default() }).await.unwrap();
