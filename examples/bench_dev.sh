@@ -15,7 +15,9 @@
 # - the durability limit: `fdatasync` of 8 KiB blocks/s in the data dir's file system, over a
 #   preallocated file (how the write-ahead log writes) and appending.
 # After it: the server's CPU time (user + system, from /proc) divided by the confirmed orders,
-# over the measured window plus its grace (the warm-up excluded), and the load average.
+# over the measured window plus its grace (the warm-up excluded), the same split by thread
+# (tokio workers, checkpoint threads, log syncers, other), and the load average. The split moves
+# far less between runs than orders/s does, so it shows where a change took or saved CPU.
 #
 # The data dir goes under $BENCH_DIR, else the target dir (not /tmp: a tmpfs there would make
 # both the store and the disk limit memory's); its file system's type is printed.
@@ -84,18 +86,34 @@ def cpu():
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / hz, int(fields[12]) / hz
+# The server's threads, grouped by what they do (by name), with their CPU seconds.
+GROUPS = [("tokio-rt-worker", "workers"), ("storage-ckpt-", "checkpoints"), ("storage-sync-", "syncers")]
+def cpu_by_group():
+    import glob
+    seconds = {}
+    for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
+        try:
+            with open(stat) as f:
+                head, tail = f.read().rsplit(")", 1)
+        except OSError:
+            continue  # a thread that ended meanwhile
+        name = head.split("(", 1)[1]
+        fields = tail.split()
+        group = next((g for prefix, g in GROUPS if name.startswith(prefix)), "other")
+        seconds[group] = seconds.get(group, 0) + (int(fields[11]) + int(fields[12])) / hz
+    return seconds
 cmd = [bin, "bench", "--target", f"http://127.0.0.1:{port}", "--data-dir", f"{dir}/data", "--json", *args]
 bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 start = None
 for line in bench.stderr:
     if start is None and "measured window" in line:
-        start = cpu()
+        start, start_groups = cpu(), cpu_by_group()
     sys.stderr.write(line)
 out = bench.stdout.read()
 if bench.wait() != 0:
     sys.stdout.write(out)
     sys.exit(f"bench failed (exit {bench.returncode})")
-end = cpu()
+end, end_groups = cpu(), cpu_by_group()
 lines = out.rstrip("\n").split("\n")
 print("\n".join(lines[:-1]))
 result = json.loads(lines[-1])
@@ -108,6 +126,12 @@ gen = result.get("generator_cpu_s")
 gen_text = f", generator {gen * 1e3 / confirmed:.3f} ms" if gen is not None else ""
 user, system = ((e - s) * 1e3 / confirmed for s, e in zip(start, end))
 print(f"CPU per confirmed order: server {user + system:.3f} ms (user {user:.3f}, system {system:.3f}){gen_text}")
+# (A thread that ended during the window is missing from its group; in `dev` none does.)
+by_group = ", ".join(
+    f"{g} {(end_groups.get(g, 0) - start_groups.get(g, 0)) * 1e3 / confirmed:.3f}"
+    for g in [g for _, g in GROUPS] + ["other"]
+)
+print(f"server CPU per confirmed order by thread (ms): {by_group}")
 print(lines[-1])
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
