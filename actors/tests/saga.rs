@@ -528,6 +528,31 @@ async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_placements_cannot_overshoot_the_limit_of_orders_in_flight_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { max_orders_in_flight: 4, ..fast_settings() };
+    let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
+    services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();
+    // 64 customers at once (a share of one order each), with payments that never answer: every
+    // order admitted stays in flight for the test's whole length.
+    let placements = (0..64).map(|i| {
+        let orders = services.orders.clone();
+        tokio::spawn(
+            async move { orders.place(new_order(&format!("c{i}"), &[("apple", 1)], "tok_timeout"), None).await },
+        )
+    });
+    let mut accepted = 0;
+    for placement in futures_util::future::join_all(placements).await {
+        match placement.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(ServiceError::Unavailable { service: "order", .. }) => {}
+            Err(err) => panic!("{err:?}"),
+        }
+    }
+    assert_eq!(accepted, 4, "the limit, no more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_customer_gets_a_tenth_of_the_orders_in_flight_so_others_still_order() {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings { max_orders_in_flight: 20, ..fast_settings() };

@@ -153,8 +153,11 @@ struct LiveState {
     /// channel, registered once per order it waits for). Keyed by ids clients send (before
     /// anyone checks they exist), so with std's hasher, seeded against HashDoS.
     waiters: std::collections::HashMap<OrderId, Vec<mpsc::UnboundedSender<OrderId>>>,
-    /// How many of `orders` each customer has (for the admission share).
+    /// How many of `orders` each customer has, plus its placements admitted and not yet
+    /// answered (for the admission share).
     per_customer: std::collections::HashMap<CustomerId, usize>,
+    /// Placements admitted and not yet answered ([`Admission`]s alive).
+    admitting: usize,
 }
 
 /// A customer may have at most this fraction (1 / N) of `max_orders_in_flight` in flight.
@@ -181,6 +184,15 @@ impl LiveState {
             && let Some(oldest) = self.ended_ids.pop_front()
         {
             self.ended.remove(&oldest);
+        }
+    }
+
+    fn count_out(&mut self, customer: &CustomerId) {
+        if let Some(count) = self.per_customer.get_mut(customer) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_customer.remove(customer);
+            }
         }
     }
 
@@ -214,11 +226,20 @@ impl LiveOrders {
         }
     }
 
-    /// Orders whose entity is in memory (sagas running, or just ended and about to leave): in
-    /// all, and those of `customer`.
-    fn in_memory(&self, customer: &CustomerId) -> (usize, usize) {
-        let state = self.state();
-        (state.orders.len(), state.per_customer.get(customer).copied().unwrap_or(0))
+    /// Admits a placement for `customer` if the orders in flight (entities in memory, sagas
+    /// running or just ended, plus the placements admitted before and not yet answered) are
+    /// fewer than `limit`, and the customer's fewer than `share`. The check and the count are
+    /// one step, so concurrent placements cannot pass it together. Refused: the two counts.
+    fn admit(&self, customer: &CustomerId, limit: usize, share: usize) -> Result<Admission, (usize, usize)> {
+        let mut state = self.state();
+        let in_flight = state.orders.len() + state.admitting;
+        let customers = state.per_customer.get(customer).copied().unwrap_or(0);
+        if in_flight >= limit || customers >= share {
+            return Err((in_flight, customers));
+        }
+        state.admitting += 1;
+        *state.per_customer.entry(customer.clone()).or_default() += 1;
+        Ok(Admission { live: self.clone(), customer: customer.clone() })
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
@@ -226,12 +247,7 @@ impl LiveOrders {
         let mut state = self.state();
         if state.orders.get(&order.id).is_some_and(|live| live.version == order.version) {
             if let Some(left) = state.orders.remove(&order.id) {
-                if let Some(count) = state.per_customer.get_mut(&left.customer) {
-                    *count -= 1;
-                    if *count == 0 {
-                        state.per_customer.remove(&left.customer);
-                    }
-                }
+                state.count_out(&left.customer);
                 state.keep_if_ended(left);
             }
             state.wake(order.id);
@@ -254,6 +270,22 @@ impl LiveOrders {
     /// Orders with waiters registered.
     fn waited_on(&self) -> usize {
         self.state().waiters.len()
+    }
+}
+
+/// A placement counted in flight by [`LiveOrders::admit`] until it is answered (dropped). By
+/// then its order is in memory and counted there (so for a moment it counts twice: the bound
+/// errs on the side of refusing), or the placement failed.
+struct Admission {
+    live: LiveOrders,
+    customer: CustomerId,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut state = self.live.state();
+        state.admitting -= 1;
+        state.count_out(&self.customer);
     }
 }
 
@@ -947,21 +979,21 @@ impl OrderService {
         // in memory after 15 s at 9,500 orders/s offered, confirmations 10 s late, fewer
         // confirmed per second than at capacity). Refused here, the client retries later.
         // A customer gets a share of the limit, so a few whose payments hang (each order held
-        // up to the payment deadline) cannot lock everyone else out. The check and the
-        // placement are not one step: concurrent placements may pass it together, so the
-        // bound is the limit plus the placements in progress.
-        let (in_memory, customers) = self.live.in_memory(&new.customer);
+        // up to the payment deadline) cannot lock everyone else out. A placement counts from
+        // here until it is answered, so concurrent placements cannot overshoot the limit
+        // together (they did: 32-64 admitted under 64 clients with a limit of 1).
         let share = (self.settings.max_orders_in_flight / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
-        if in_memory >= self.settings.max_orders_in_flight || customers >= share {
-            self.metrics.refused.increment(1);
-            let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
-            return Err(ServiceError::Unavailable {
-                service: "order",
-                detail: format!(
-                    "{in_memory} orders are in flight on this node ({customers} of this customer's), {whose}; retry shortly"
-                ),
-            });
-        }
+        let _admission =
+            self.live.admit(&new.customer, self.settings.max_orders_in_flight, share).map_err(|(in_flight, customers)| {
+                self.metrics.refused.increment(1);
+                let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
+                ServiceError::Unavailable {
+                    service: "order",
+                    detail: format!(
+                        "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}; retry shortly"
+                    ),
+                }
+            })?;
         let lines = self.price(&new.items).await?;
         let request = PlaceRequest {
             customer: new.customer.clone(),
