@@ -42,6 +42,7 @@ pub fn service_settings(config: &Config) -> Settings {
         idempotency_retention: config.idempotency_retention(),
         commit_interval: config.commit_interval(),
         max_orders_in_flight: config.max_orders_in_flight,
+        max_orders_in_flight_when_busy: config.max_orders_in_flight_when_busy,
         ..defaults
     }
 }

@@ -490,7 +490,7 @@ async fn redelivered_integration_events_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 2, ..fast_settings() };
+    let settings = Settings { max_orders_in_flight: 2, max_orders_in_flight_when_busy: 2, ..fast_settings() };
     let provider = Arc::new(SimulatedProvider::new());
     let services = Services::start(dir.path(), settings, provider.clone()).await.unwrap();
     let app = App { services, provider, _dir: dir };
@@ -530,7 +530,7 @@ async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_placements_cannot_overshoot_the_limit_of_orders_in_flight_together() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 4, ..fast_settings() };
+    let settings = Settings { max_orders_in_flight: 4, max_orders_in_flight_when_busy: 4, ..fast_settings() };
     let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
     services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();
     // 64 customers at once (a share of one order each), with payments that never answer: every
@@ -555,7 +555,7 @@ async fn concurrent_placements_cannot_overshoot_the_limit_of_orders_in_flight_to
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_customer_gets_a_tenth_of_the_orders_in_flight_so_others_still_order() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 20, ..fast_settings() };
+    let settings = Settings { max_orders_in_flight: 20, max_orders_in_flight_when_busy: 20, ..fast_settings() };
     let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
     services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
     for _ in 0..2 {

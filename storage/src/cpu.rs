@@ -1,4 +1,5 @@
-//! Whether the machine's cores are all busy: what decides how long the syncer paces its rounds.
+//! Whether the machine's cores are all busy: what decides how long the syncer paces its rounds
+//! (and, outside this crate, how many orders the order service admits).
 //!
 //! Why: a log round costs tens of microseconds of CPU however few writes it carries. When the
 //! cores are saturated, every round saved is CPU for the work itself, and a longer interval
@@ -36,7 +37,7 @@ static SATURATED: AtomicBool = AtomicBool::new(false);
 
 /// Whether the machine's cores were saturated over the last sample. Never blocks: while
 /// another thread refreshes the sample, the last answer stands.
-pub(crate) fn machine_saturated() -> bool {
+pub fn machine_saturated() -> bool {
     if let Ok(mut sampler) = SAMPLER.try_lock() {
         SATURATED.store(sampler.saturated(), Ordering::Relaxed);
     }

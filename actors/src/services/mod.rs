@@ -69,6 +69,8 @@ pub struct Settings {
     /// (`Unavailable`: 503 + Retry-After), so an overload queues at the clients, not in sagas.
     /// One customer may hold a tenth of it.
     pub max_orders_in_flight: usize,
+    /// The limit while the machine's cores are all busy (never above `max_orders_in_flight`).
+    pub max_orders_in_flight_when_busy: usize,
 }
 
 impl Default for Settings {
@@ -88,6 +90,7 @@ impl Default for Settings {
             fsync: true,
             commit_interval: StoreOptions::default().min_round_interval,
             max_orders_in_flight: 2_000,
+            max_orders_in_flight_when_busy: 500,
         }
     }
 }

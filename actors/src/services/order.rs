@@ -982,9 +982,19 @@ impl OrderService {
         // up to the payment deadline) cannot lock everyone else out. A placement counts from
         // here until it is answered, so concurrent placements cannot overshoot the limit
         // together (they did: 32-64 admitted under 64 clients with a limit of 1).
-        let share = (self.settings.max_orders_in_flight / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
+        // While the machine's cores are all busy, the limit is lower: a saga backlog then only
+        // waits for CPU, and longer sagas cost more (their writes span more of the stores'
+        // moves into sled), so under an open-loop overload of 8,000 orders/s the node's goodput
+        // fell to 3,900-5,300/s with 2,000 in flight against 6,000/s with 500 (BENCHMARKS.md).
+        // An idle machine keeps the whole limit for orders that wait on a slow payment.
+        let limit = if ordermesh_storage::machine_saturated() {
+            self.settings.max_orders_in_flight_when_busy.min(self.settings.max_orders_in_flight)
+        } else {
+            self.settings.max_orders_in_flight
+        };
+        let share = (limit / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
         let _admission =
-            self.live.admit(&new.customer, self.settings.max_orders_in_flight, share).map_err(|(in_flight, customers)| {
+            self.live.admit(&new.customer, limit, share).map_err(|(in_flight, customers)| {
                 self.metrics.refused.increment(1);
                 let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
                 ServiceError::Unavailable {
