@@ -63,17 +63,21 @@ fn crash_child() {
                         items: vec![(Sku::parse(sku).unwrap(), Quantity::new(1 + (pick % 3) as u32).unwrap())],
                         payment_token: PaymentToken::parse(TOKENS[pick % TOKENS.len()]).unwrap(),
                     };
-                    if let Ok(placed) = services.orders.place(order, None).await {
-                        {
-                            let mut out = stdout.lock().unwrap();
-                            writeln!(out, "ACK {}", placed.order.id).unwrap();
-                            out.flush().unwrap();
-                        }
-                        // Now and then the customer changes their mind.
-                        if pick.is_multiple_of(11) {
-                            let who = Requester::Customer(placed.order.customer.clone());
-                            let _ = services.orders.cancel(placed.order.id, &who).await;
-                        }
+                    let Ok(placed) = services.orders.place(order, None).await else {
+                        // Refused (this customer's share of the orders in flight, say): a retry
+                        // at once would spin without yielding the worker the sagas need.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    {
+                        let mut out = stdout.lock().unwrap();
+                        writeln!(out, "ACK {}", placed.order.id).unwrap();
+                        out.flush().unwrap();
+                    }
+                    // Now and then the customer changes their mind.
+                    if pick.is_multiple_of(11) {
+                        let who = Requester::Customer(placed.order.customer.clone());
+                        let _ = services.orders.cancel(placed.order.id, &who).await;
                     }
                 }
             }));

@@ -65,9 +65,9 @@ pub struct Settings {
     pub fsync: bool,
     /// Least time between the starts of two log rounds of a store while writers are concurrent.
     pub commit_interval: Duration,
-    /// Orders in memory on a node (their sagas running) beyond which it refuses new ones
-    /// (`Unavailable`: 503 + Retry-After), so an overload queues at the clients, not in sagas.
-    /// One customer may hold a tenth of it.
+    /// Orders in flight on a node (in memory, their sagas running, or being placed) beyond which
+    /// it refuses new ones (`Unavailable`: 503 + Retry-After), so an overload queues at the
+    /// clients, not in sagas. One customer may hold a tenth of it.
     pub max_orders_in_flight: usize,
     /// The limit while the machine's cores are all busy (never above `max_orders_in_flight`).
     pub max_orders_in_flight_when_busy: usize,

@@ -24,7 +24,7 @@ use crate::domain::{
     PaymentToken, Quantity, SagaStep, Sku, StockRejection,
 };
 use crate::error::ServiceError;
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesUnordered;
@@ -153,14 +153,14 @@ struct LiveState {
     /// channel, registered once per order it waits for). Keyed by ids clients send (before
     /// anyone checks they exist), so with std's hasher, seeded against HashDoS.
     waiters: std::collections::HashMap<OrderId, Vec<mpsc::UnboundedSender<OrderId>>>,
-    /// How many of `orders` each customer has, plus its placements admitted and not yet
-    /// answered (for the admission share).
+    /// How many of `orders` and of `admitting` each customer has (for the admission share).
     per_customer: std::collections::HashMap<CustomerId, usize>,
-    /// Placements admitted and not yet answered ([`Admission`]s alive).
-    admitting: usize,
+    /// The orders of placements admitted whose entity has not put them in `orders` yet (and
+    /// may never: a placement can fail). Each is counted once: here, then in `orders`.
+    admitting: HashSet<OrderId>,
 }
 
-/// A customer may have at most this fraction (1 / N) of `max_orders_in_flight` in flight.
+/// A customer may have at most this fraction (1 / N) of the limit of orders in flight.
 const CUSTOMER_SHARE_OF_IN_FLIGHT: usize = 10;
 
 /// How many recently ended orders [`LiveOrders`] keeps (about 400 bytes each for a one-line
@@ -216,7 +216,8 @@ impl LiveOrders {
 
     fn set(&self, order: &Order) {
         let mut state = self.state();
-        if state.orders.insert(order.id, order.clone()).is_none() {
+        // An admitted order moves from `admitting` to `orders`, already counted for its customer.
+        if state.orders.insert(order.id, order.clone()).is_none() && !state.admitting.remove(&order.id) {
             *state.per_customer.entry(order.customer.clone()).or_default() += 1;
         }
         // Waiters wait for an order's end: the steps before it would only wake them to look
@@ -226,20 +227,26 @@ impl LiveOrders {
         }
     }
 
-    /// Admits a placement for `customer` if the orders in flight (entities in memory, sagas
-    /// running or just ended, plus the placements admitted before and not yet answered) are
-    /// fewer than `limit`, and the customer's fewer than `share`. The check and the count are
-    /// one step, so concurrent placements cannot pass it together. Refused: the two counts.
-    fn admit(&self, customer: &CustomerId, limit: usize, share: usize) -> Result<Admission, (usize, usize)> {
+    /// Admits the placement of order `id` for `customer` if the orders in flight (entities in
+    /// memory, sagas running or just ended, plus the placements admitted before whose order is
+    /// not in memory yet) are fewer than `limit`, and the customer's fewer than `share`. The
+    /// check and the count are one step, so concurrent placements cannot pass it together.
+    /// Refused: the two counts.
+    fn admit(
+        &self,
+        id: OrderId,
+        customer: &CustomerId,
+        limit: usize,
+        share: usize,
+    ) -> Result<Admission, (usize, usize)> {
         let mut state = self.state();
-        let in_flight = state.orders.len() + state.admitting;
+        let in_flight = state.orders.len() + state.admitting.len();
         let customers = state.per_customer.get(customer).copied().unwrap_or(0);
-        if in_flight >= limit || customers >= share {
+        if in_flight >= limit || customers >= share || !state.admitting.insert(id) {
             return Err((in_flight, customers));
         }
-        state.admitting += 1;
         *state.per_customer.entry(customer.clone()).or_default() += 1;
-        Ok(Admission { live: self.clone(), customer: customer.clone() })
+        Ok(Admission { live: self.clone(), id, customer: customer.clone() })
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
@@ -273,19 +280,20 @@ impl LiveOrders {
     }
 }
 
-/// A placement counted in flight by [`LiveOrders::admit`] until it is answered (dropped). By
-/// then its order is in memory and counted there (so for a moment it counts twice: the bound
-/// errs on the side of refusing), or the placement failed.
+/// A placement counted in flight by [`LiveOrders::admit`] until its order is in memory (then
+/// counted there) or the placement is answered (dropped) without it.
 struct Admission {
     live: LiveOrders,
+    id: OrderId,
     customer: CustomerId,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
         let mut state = self.live.state();
-        state.admitting -= 1;
-        state.count_out(&self.customer);
+        if state.admitting.remove(&self.id) {
+            state.count_out(&self.customer);
+        }
     }
 }
 
@@ -981,26 +989,32 @@ impl OrderService {
         // A customer gets a share of the limit, so a few whose payments hang (each order held
         // up to the payment deadline) cannot lock everyone else out. A placement counts from
         // here until it is answered, so concurrent placements cannot overshoot the limit
-        // together (they did: 32-64 admitted under 64 clients with a limit of 1).
+        // together (they did: 64 placed at once with a limit of 4 were all admitted).
         // While the machine's cores are all busy, the limit is lower: a saga backlog then only
         // waits for CPU, and longer sagas cost more (their writes span more of the stores'
         // moves into sled), so under an open-loop overload of 8,000 orders/s the node's goodput
         // fell to 3,900-5,300/s with 2,000 in flight against 6,000/s with 500 (BENCHMARKS.md).
         // An idle machine keeps the whole limit for orders that wait on a slow payment.
-        let limit = if ordermesh_storage::machine_saturated() {
+        let busy = ordermesh_storage::machine_saturated();
+        let limit = if busy {
             self.settings.max_orders_in_flight_when_busy.min(self.settings.max_orders_in_flight)
         } else {
             self.settings.max_orders_in_flight
         };
         let share = (limit / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
         let _admission =
-            self.live.admit(&new.customer, limit, share).map_err(|(in_flight, customers)| {
+            self.live.admit(id, &new.customer, limit, share).map_err(|(in_flight, customers)| {
                 self.metrics.refused.increment(1);
-                let whose = if customers >= share { "this customer's share" } else { "this node's limit" };
+                let whose = if customers >= share {
+                    format!("this customer's share of {share}")
+                } else {
+                    format!("this node's limit of {limit}")
+                };
+                let when = if busy { " while its cores are busy" } else { "" };
                 ServiceError::Unavailable {
                     service: "order",
                     detail: format!(
-                        "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}; retry shortly"
+                        "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}{when}; retry shortly"
                     ),
                 }
             })?;
@@ -1479,6 +1493,23 @@ mod tests {
         drop(watch);
         assert_eq!(live.waited_on(), 0);
         assert!(live.state().waiters.is_empty());
+    }
+
+    #[test]
+    fn an_admitted_order_counts_once_whether_it_is_being_placed_or_in_memory() {
+        let live = LiveOrders::default();
+        let alice = CustomerId::parse("alice").unwrap();
+        let placed = order(OrderStatus::Reserved, 1);
+        let admission = live.admit(placed.id, &alice, 2, 2).unwrap();
+        live.set(&placed); // the entity has it in memory before its placement is answered
+        let second = live.admit(OrderId::from_u128(8), &alice, 2, 2).unwrap();
+        assert_eq!(live.admit(OrderId::from_u128(9), &alice, 2, 5).err(), Some((2, 2)), "at the limit");
+        drop(admission);
+        drop(second); // a placement that failed: nothing of it stays
+        assert_eq!(live.admit(OrderId::from_u128(9), &alice, 1, 5).err(), Some((1, 1)));
+        live.forget(&placed);
+        let state = live.state();
+        assert!(state.admitting.is_empty() && state.per_customer.is_empty() && state.orders.is_empty());
     }
 
     #[test]
