@@ -463,24 +463,25 @@ mod tests {
             let hot = hot.clone();
             tokio::spawn(async move { inventory.reserve(&hot, OrderId::from_u128(i + 1), one).await.unwrap() })
         });
-        let mut reserved = 0;
-        for reserve in reserves.collect::<Vec<_>>() {
+        let mut reserved = Vec::new();
+        for (i, reserve) in (0..200u128).zip(reserves.collect::<Vec<_>>()) {
             match reserve.await.unwrap() {
-                Ok(_) => reserved += 1,
+                Ok(_) => reserved.push(OrderId::from_u128(i + 1)),
                 Err(rejection) => {
                     assert!(matches!(rejection, StockRejection::OutOfStock { available: 0 }), "{rejection:?}")
                 }
             }
         }
-        assert_eq!(reserved, 150);
+        assert_eq!(reserved.len(), 150);
         // One write per reservation before (150); the commands queued behind a write share the next.
         let writes = store.stats().writes - writes_before;
         assert!(writes < 150, "{writes} writes for 150 reservations");
         assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(0, 150)));
 
         // Sent in this order without waiting: the release sees the commit queued before it, and
-        // the second release the first (no tombstone, no second give-back).
-        let order = OrderId::from_u128(1);
+        // the second release the first (no tombstone, no second give-back). (The spawned
+        // reserves ran in any order: which 150 got stock is theirs to say.)
+        let order = reserved[0];
         let (commit, release, again) =
             tokio::join!(inventory.commit(&hot, order), inventory.release(&hot, order), inventory.release(&hot, order));
         assert_eq!(commit.unwrap(), Ok(view(0, 149)));
