@@ -487,14 +487,20 @@ async fn redelivered_integration_events_change_nothing() {
     assert_eq!(stock(&app, "fig").await, (available - 1, reserved), "only the later order took stock");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end() {
+/// Services whose limit of orders in flight is `limit` whether the machine is busy or not (so a
+/// busy test machine changes nothing), with `apples` in stock.
+async fn start_with_limit(limit: usize, apples: u64) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 2, max_orders_in_flight_when_busy: 2, ..fast_settings() };
+    let settings = Settings { max_orders_in_flight: limit, max_orders_in_flight_when_busy: limit, ..fast_settings() };
     let provider = Arc::new(SimulatedProvider::new());
     let services = Services::start(dir.path(), settings, provider.clone()).await.unwrap();
-    let app = App { services, provider, _dir: dir };
-    app.services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    services.inventory.set_stock(&sku("apple"), apples, Money::from_cents(150)).await.unwrap();
+    App { services, provider, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end() {
+    let app = start_with_limit(2, 10).await;
     // Payments that never answer keep both orders in flight until the payment deadline (2 s).
     let key = Some("gus-1".to_owned());
     let first = app.services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), key.clone()).await.unwrap();
@@ -529,14 +535,11 @@ async fn a_node_at_its_limit_of_orders_in_flight_refuses_new_ones_until_some_end
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_placements_cannot_overshoot_the_limit_of_orders_in_flight_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 4, max_orders_in_flight_when_busy: 4, ..fast_settings() };
-    let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
-    services.inventory.set_stock(&sku("apple"), 100, Money::from_cents(150)).await.unwrap();
+    let app = start_with_limit(4, 100).await;
     // 64 customers at once (a share of one order each), with payments that never answer: every
     // order admitted stays in flight for the test's whole length.
     let placements = (0..64).map(|i| {
-        let orders = services.orders.clone();
+        let orders = app.services.orders.clone();
         tokio::spawn(
             async move { orders.place(new_order(&format!("c{i}"), &[("apple", 1)], "tok_timeout"), None).await },
         )
@@ -554,10 +557,8 @@ async fn concurrent_placements_cannot_overshoot_the_limit_of_orders_in_flight_to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_customer_gets_a_tenth_of_the_orders_in_flight_so_others_still_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings { max_orders_in_flight: 20, max_orders_in_flight_when_busy: 20, ..fast_settings() };
-    let services = Services::start(dir.path(), settings, Arc::new(SimulatedProvider::new())).await.unwrap();
-    services.inventory.set_stock(&sku("apple"), 10, Money::from_cents(150)).await.unwrap();
+    let app = start_with_limit(20, 10).await;
+    let services = &app.services;
     for _ in 0..2 {
         services.orders.place(new_order("gus", &[("apple", 1)], "tok_timeout"), None).await.unwrap();
     }

@@ -957,10 +957,6 @@ fn open_parts(path: &Path, options: StoreOptions) -> Result<Parts, StorageError>
     Ok((shared, committer))
 }
 
-/// sled's log segment (and I/O buffer) size. sled writes and `sync_file_range`s a buffer each
-/// time one fills: with its default of 512 KiB that was a fifth of the saga bench's CPU; at 8 MiB
-/// it writes 16 times less often. sled refuses to open a database with a size other than the one
-/// it was created with, so an existing store keeps the size in its `conf` file.
 /// Removes the snapshots sled was killed writing. sled 0.34 writes a snapshot of its page table
 /// at every open into `snap.<lsn>.generating` and renames it to `snap.<lsn>` once synced, and
 /// deletes the older ones only after that; but it lists `.generating` files among the snapshots
@@ -980,6 +976,10 @@ fn remove_unfinished_sled_snapshots(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// sled's log segment (and I/O buffer) size. sled writes and `sync_file_range`s a buffer each
+/// time one fills: with its default of 512 KiB that was a fifth of the saga bench's CPU; at 8 MiB
+/// it writes 16 times less often. sled refuses to open a database with a size other than the one
+/// it was created with, so an existing store keeps the size in its `conf` file.
 fn segment_size(path: &Path) -> usize {
     const NEW_STORES: usize = 8 * 1024 * 1024;
     fs::read_to_string(path.join("conf"))
