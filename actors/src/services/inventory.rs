@@ -1,7 +1,7 @@
 //! The inventory service: one entity per sku hosting a [`StockItem`].
 //!
-//! Other services call it request/response (the order saga needs the answer now): quote,
-//! reserve, release, commit. Every command is idempotent per order (see the domain), so a
+//! Other services call it request/response (the order saga needs the answer now): reserve,
+//! release, commit; a quote reads the item's published view ([`StockViews`]). Every command is idempotent per order (see the domain), so a
 //! call that timed out and ran anyway, or a retry after a crash, changes nothing twice.
 
 use super::Settings;
@@ -10,17 +10,20 @@ use crate::domain::{
     Money, OrderId, Quantity, Settled, Sku, StockCommand, StockEvent, StockItem, StockRejection, StockView,
 };
 use crate::error::ServiceError;
+use dashmap::DashMap;
 use futures_util::FutureExt;
 use ordermesh_runtime::{Entity, EntityContext, RouterHandle};
 use ordermesh_storage::{Append, KeyValue, Snapshot, Store, WriteBatch, codec};
 use ractor::{ActorProcessingErr, RpcReplyPort};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub enum InventoryMsg {
     /// Runs one stock command; replies with the item after it, once that is durable.
     Execute { command: StockCommand, reply: RpcReplyPort<StockAnswer> },
-    /// Reads the item as of its last durable write (`None`: unknown sku).
+    /// Reads the item as of its last durable write (`None`: unknown sku). Only for an item
+    /// that is not in memory: one that is answers from [`StockViews`].
     Get { reply: RpcReplyPort<Option<StockView>> },
     /// Sent by the entity to itself: the write it started last is durable (or failed, or
     /// panicked).
@@ -31,7 +34,44 @@ pub enum InventoryMsg {
 pub struct InventoryDeps {
     pub store: Store,
     pub settings: Arc<Settings>,
+    pub views: StockViews,
 }
+
+/// The last durable view of every stock item in memory on this node, published by the item
+/// itself, so that a read (a placement's price quote, `GET /v1/inventory/{sku}`) needs no message
+/// to the item: the quote was one call per sku on the placement path of every order. An item
+/// publishes when it activates and after each write is durable (before answering its callers,
+/// so an answer is never newer than what a read sees) and withdraws its view when it leaves
+/// memory, which keeps this as small as the items in memory. A sku not here is read through its
+/// entity, which activates it.
+#[derive(Clone, Default)]
+pub struct StockViews(Arc<DashMap<Sku, Published>>);
+
+/// A view and the activation that published it: an activation that leaves withdraws only its
+/// own view, never one that a later activation of the same sku has published meanwhile.
+struct Published {
+    activation: u64,
+    view: StockView,
+}
+
+impl StockViews {
+    pub(crate) fn get(&self, sku: &Sku) -> Option<StockView> {
+        self.0.get(sku).map(|published| published.view.clone())
+    }
+
+    fn publish(&self, activation: u64, view: &Option<StockView>) {
+        if let Some(view) = view {
+            self.0.insert(view.sku.clone(), Published { activation, view: view.clone() });
+        }
+    }
+
+    fn withdraw(&self, sku: &Sku, activation: u64) {
+        self.0.remove_if(sku, |_, published| published.activation == activation);
+    }
+}
+
+/// Numbers the activations of stock items (for [`Published`]).
+static ACTIVATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The snapshot format of a stock item: its state and the seq it covers.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -49,12 +89,15 @@ struct StockSnapshot {
 /// of 64 did 1,718 orders/s on one sku and 3,888 on ten, against 8,258 on a thousand.
 pub struct StockEntity {
     sku: Sku,
+    /// This activation's number, and where it publishes its durable view.
+    activation: u64,
+    views: StockViews,
     /// The item after every command decided so far, written or not: new commands are decided
     /// on it.
     item: StockItem,
     /// The item's version in the store (as of its last durable write).
     durable_version: u64,
-    /// What `Get` answers: the item as of its last durable write.
+    /// What `Get` answers and [`StockViews`] holds: the item as of its last durable write.
     durable_view: Option<StockView>,
     events_since_snapshot: u64,
     /// Decided since the write in flight started, waiting for the next one.
@@ -119,8 +162,12 @@ impl Entity for StockEntity {
             deps.store.commit(WriteBatch::default()).await?;
         }
         let durable_view = item.known.then(|| item.sku_view(&sku));
+        let activation = ACTIVATIONS.fetch_add(1, Ordering::Relaxed);
+        deps.views.publish(activation, &durable_view);
         Ok(Self {
             sku,
+            activation,
+            views: deps.views.clone(),
             item,
             durable_version: version,
             durable_view,
@@ -163,6 +210,7 @@ impl Entity for StockEntity {
                 if let Some(written) = self.writing.take() {
                     self.durable_version = written.version;
                     self.durable_view = written.view;
+                    self.views.publish(self.activation, &self.durable_view);
                     written.decided.answer_all();
                 }
                 self.write_queued(ctx)?;
@@ -174,6 +222,13 @@ impl Entity for StockEntity {
     /// Not while a write is on its way: its answers and its `Written` belong to this activation.
     fn can_passivate(&self) -> bool {
         self.writing.is_none() && self.queued.answers.is_empty()
+    }
+}
+
+/// Leaving memory (passivated, or its actor stopped): its view goes with it.
+impl Drop for StockEntity {
+    fn drop(&mut self) {
+        self.views.withdraw(&self.sku, self.activation);
     }
 }
 
@@ -327,23 +382,23 @@ fn read_settled(store: &Store, sku: &Sku, order: OrderId) -> Result<Option<Settl
 /// cluster it sends each request to the router of the node owning the sku.
 #[derive(Clone)]
 pub struct InventoryService {
-    /// This node's router (`None` on a node that does not host inventory).
-    router: Option<RouterHandle<InventoryMsg>>,
+    /// This node's router and its items' views (`None` on a node that does not host inventory).
+    local: Option<(RouterHandle<InventoryMsg>, StockViews)>,
     settings: Arc<Settings>,
     placement: Placement,
 }
 
 impl InventoryService {
     pub(crate) fn new(
-        router: Option<RouterHandle<InventoryMsg>>,
+        local: Option<(RouterHandle<InventoryMsg>, StockViews)>,
         settings: Arc<Settings>,
         placement: Placement,
     ) -> Self {
-        Self { router, settings, placement }
+        Self { local, settings, placement }
     }
 
-    fn local(&self) -> Result<&RouterHandle<InventoryMsg>, ServiceError> {
-        self.router.as_ref().ok_or(ServiceError::Unavailable {
+    fn local(&self) -> Result<&(RouterHandle<InventoryMsg>, StockViews), ServiceError> {
+        self.local.as_ref().ok_or(ServiceError::Unavailable {
             service: "inventory",
             detail: "this node does not host inventory".into(),
         })
@@ -369,7 +424,8 @@ impl InventoryService {
         command: StockCommand,
     ) -> Result<Result<StockView, StockRejection>, ServiceError> {
         let timeout = self.settings.call_timeout;
-        Ok(self.local()?.call(sku.as_str(), |reply| InventoryMsg::Execute { command, reply }, timeout).await?)
+        let (router, _) = self.local()?;
+        Ok(router.call(sku.as_str(), |reply| InventoryMsg::Execute { command, reply }, timeout).await?)
     }
 
     /// Admin: sets the units available for new orders and the unit price.
@@ -390,8 +446,12 @@ impl InventoryService {
     }
 
     pub(crate) async fn get_local(&self, sku: &Sku) -> Result<Option<StockView>, ServiceError> {
+        let (router, views) = self.local()?;
+        if let Some(view) = views.get(sku) {
+            return Ok(Some(view));
+        }
         let timeout = self.settings.call_timeout;
-        Ok(self.local()?.call(sku.as_str(), |reply| InventoryMsg::Get { reply }, timeout).await?)
+        Ok(router.call(sku.as_str(), |reply| InventoryMsg::Get { reply }, timeout).await?)
     }
 
     pub async fn reserve(
@@ -412,7 +472,7 @@ impl InventoryService {
     }
 
     pub(crate) fn stop(&self) {
-        if let Some(router) = &self.router {
+        if let Some((router, _)) = &self.local {
             router.stop();
         }
     }
@@ -426,13 +486,20 @@ mod tests {
     use crate::domain::Quantity;
     use ordermesh_runtime::{HostingOptions, Router};
     use ordermesh_storage::StoreOptions;
+    use std::time::{Duration, Instant};
 
     async fn start(store: &Store) -> InventoryService {
+        start_idle_after(store, Duration::from_secs(30)).await.0
+    }
+
+    /// The service, with the views its items publish, items leaving memory after `idle_after`.
+    async fn start_idle_after(store: &Store, idle_after: Duration) -> (InventoryService, StockViews) {
         let settings = Arc::new(Settings::default());
-        let deps = InventoryDeps { store: store.clone(), settings: settings.clone() };
-        let options = HostingOptions { service: "inventory", idle_after: std::time::Duration::from_secs(30) };
+        let views = StockViews::default();
+        let deps = InventoryDeps { store: store.clone(), settings: settings.clone(), views: views.clone() };
+        let options = HostingOptions { service: "inventory", idle_after };
         let router = Router::<StockEntity>::start(options, deps).await.unwrap();
-        InventoryService::new(Some(router), settings, None)
+        (InventoryService::new(Some((router, views.clone())), settings, None), views)
     }
 
     /// A store in a new directory, its inventory service, and the sku `hot` with `units` in stock.
@@ -514,5 +581,32 @@ mod tests {
         assert!(failed.is_err(), "{failed:?}");
         assert_eq!(inventory.reserve(&hot, OrderId::from_u128(1), one).await.unwrap(), Ok(view(4, 1)));
         assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(4, 1)));
+    }
+
+    /// An item in memory is read from the view it publishes, as of its last durable write (and
+    /// published before it answers, so a caller's next read is never older than its answer); the
+    /// view leaves memory with the item, and a read of an item not in memory activates it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_item_in_memory_is_read_from_the_view_it_publishes_which_leaves_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let (inventory, views) = start_idle_after(&store, Duration::from_millis(100)).await;
+        let hot = Sku::parse("hot").unwrap();
+        assert_eq!(inventory.get(&hot).await.unwrap(), None);
+        assert_eq!(views.get(&hot), None, "an unknown sku publishes nothing");
+
+        inventory.set_stock(&hot, 5, Money::from_cents(100)).await.unwrap();
+        assert_eq!(views.get(&hot), Some(view(5, 0)));
+        inventory.reserve(&hot, OrderId::from_u128(1), Quantity::new(2).unwrap()).await.unwrap().unwrap();
+        assert_eq!(views.get(&hot), Some(view(3, 2)));
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(3, 2)));
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while views.get(&hot).is_some() {
+            assert!(Instant::now() < deadline, "the idle item's view is still published");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(3, 2)));
+        assert_eq!(views.get(&hot), Some(view(3, 2)), "the read activated the item, which published its view");
     }
 }

@@ -17,7 +17,7 @@ pub mod remote;
 
 use crate::provider::PaymentProvider;
 use events::IntegrationEvent;
-use inventory::{InventoryDeps, InventoryService, StockEntity};
+use inventory::{InventoryDeps, InventoryService, StockEntity, StockViews};
 use order::{LiveOrders, OrderDeps, OrderEntity, OrderMetrics, OrderService};
 use ordermesh_runtime::cluster::Cluster;
 use ordermesh_runtime::relay::{RelayOptions, run_relay};
@@ -251,18 +251,17 @@ impl Services {
                 .await
                 .map_err(|reason| StartError::Layout { service: "inventory", reason })?;
         }
-        let inventory_router = match &inventory_store {
-            Some(store) => Some(
-                Router::<StockEntity>::start(
-                    hosting("inventory"),
-                    InventoryDeps { store: store.clone(), settings: settings.clone() },
-                )
-                .await
-                .map_err(actor_err("inventory"))?,
-            ),
+        let inventory_local = match &inventory_store {
+            Some(store) => {
+                let views = StockViews::default();
+                let deps = InventoryDeps { store: store.clone(), settings: settings.clone(), views: views.clone() };
+                let router =
+                    Router::<StockEntity>::start(hosting("inventory"), deps).await.map_err(actor_err("inventory"))?;
+                Some((router, views))
+            }
             None => None,
         };
-        let inventory = InventoryService::new(inventory_router, settings.clone(), placement.clone());
+        let inventory = InventoryService::new(inventory_local, settings.clone(), placement.clone());
 
         let payment_local = match &payment_store {
             Some(store) => {
