@@ -403,8 +403,15 @@ where
 /// axum 0.8's rule for a JSON body (its private `json_content_type`): `application/json` or
 /// any `application/*+json`, parameters allowed.
 fn json_content_type(headers: &HeaderMap) -> bool {
-    let Some(mime) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<mime::Mime>().ok())
-    else {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return false;
+    };
+    // What nearly every client sends, without parsing a MIME type per request (that parse was
+    // 0.4% of `dev`'s instructions under the bench).
+    if value.as_bytes().eq_ignore_ascii_case(b"application/json") {
+        return true;
+    }
+    let Some(mime) = value.to_str().ok().and_then(|v| v.parse::<mime::Mime>().ok()) else {
         return false;
     };
     mime.type_() == "application" && (mime.subtype() == "json" || mime.suffix().is_some_and(|name| name == "json"))
@@ -539,7 +546,9 @@ mod tests {
         // `application/*+json`, with or without parameters.
         problem(send(Some("text/json"), body).await, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
         problem(send(Some("application/jsonx"), body).await, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
-        for json in ["application/merge-patch+json", "application/json; charset=utf-8", "Application/JSON"] {
+        for json in
+            ["application/json", "Application/JSON", "application/merge-patch+json", "application/json; charset=utf-8"]
+        {
             assert_eq!(send(Some(json), body).await.status(), StatusCode::OK, "{json}");
         }
     }
