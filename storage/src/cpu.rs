@@ -10,11 +10,14 @@
 //!
 //! The reading is the whole machine's (`/proc/stat`), not this process's: the nodes of a cluster
 //! on one machine, or a load generator beside the server, compete for the same cores. Where
-//! there is no `/proc/stat`, the machine never counts as saturated. Not measured here: in a
-//! container with a CPU quota, the host's reading says nothing of the quota (a throttled pod
-//! does not look saturated, a busy neighbour makes an idle pod pace longer); the cgroup's
-//! `cpu.stat` throttling or `cpu.pressure` would be the reading there.
+//! there is no `/proc/stat`, the machine never counts as saturated. In a container with a CPU
+//! limit (a Kubernetes `resources.limits.cpu`: a cgroup v2 `cpu.max` quota on this process's
+//! cgroup or one above it), the machine's cores say nothing of the limit: a pod allowed one core
+//! of sixteen is throttled long before the machine looks busy. So the quota counts as cores too:
+//! the idle share is the smaller of the machine's and the quota's (the quota less what the
+//! cgroup used, from its `cpu.stat`). cgroup v1 quotas are not read.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -44,40 +47,121 @@ pub fn machine_saturated() -> bool {
     SATURATED.load(Ordering::Relaxed)
 }
 
-/// A sampler of the machine's CPU saturation.
+/// A sampler of the machine's CPU saturation (and of this process's CPU quota, if it has one).
 struct CpuSaturation {
     last: Option<Ticks>,
+    quota: Option<Quota>,
+    /// The quota's cgroup's CPU time at the last sample, in microseconds.
+    last_usage: Option<u64>,
     sampled_at: Instant,
     saturated: bool,
 }
 
 impl CpuSaturation {
     fn new() -> CpuSaturation {
-        CpuSaturation { last: read_ticks(), sampled_at: Instant::now(), saturated: false }
+        let quota = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|cgroup| find_quota(&cgroup, Path::new(CGROUP_ROOT)));
+        let last_usage = quota.as_ref().and_then(Quota::usage_us);
+        CpuSaturation { last: read_ticks(), quota, last_usage, sampled_at: Instant::now(), saturated: false }
     }
 
     /// Whether the cores were saturated over the last sample (refreshed when it is stale).
     fn saturated(&mut self) -> bool {
-        if self.sampled_at.elapsed() >= SAMPLE_EVERY {
+        let elapsed = self.sampled_at.elapsed();
+        if elapsed >= SAMPLE_EVERY {
             self.sampled_at = Instant::now();
             let now = read_ticks();
-            if let (Some(before), Some(now)) = (self.last, now) {
-                self.saturated = next_state(self.saturated, before, now);
-            }
+            let machine_idle = match (self.last, now) {
+                (Some(before), Some(now)) => idle_share(before, now),
+                _ => None,
+            };
             self.last = now;
+            let usage = self.quota.as_ref().and_then(Quota::usage_us);
+            let quota_idle = match (&self.quota, self.last_usage, usage) {
+                (Some(quota), Some(before), Some(now)) => Some(quota.idle_share(now.saturating_sub(before), elapsed)),
+                _ => None,
+            };
+            self.last_usage = usage;
+            let idle = match (machine_idle, quota_idle) {
+                (Some(machine), Some(quota)) => Some(machine.min(quota)),
+                (machine, quota) => machine.or(quota),
+            };
+            if let Some(idle) = idle {
+                self.saturated = next_state(self.saturated, idle);
+            }
         }
         self.saturated
     }
 }
 
-/// The state after a sample from `before` to `now` (see the thresholds above).
-fn next_state(saturated: bool, before: Ticks, now: Ticks) -> bool {
+/// The share of the machine's CPU time idle from `before` to `now` (`None`: no time passed).
+fn idle_share(before: Ticks, now: Ticks) -> Option<f64> {
     let total = now.1.saturating_sub(before.1);
-    if total == 0 {
-        return saturated;
-    }
-    let idle = now.0.saturating_sub(before.0) as f64 / total as f64;
+    (total > 0).then(|| now.0.saturating_sub(before.0) as f64 / total as f64)
+}
+
+/// The state after a sample whose idle share was `idle` (see the thresholds above).
+fn next_state(saturated: bool, idle: f64) -> bool {
     if saturated { idle <= IDLE_UNSATURATED } else { idle < IDLE_SATURATED }
+}
+
+/// Where cgroup v2 is mounted (inside a container with its own cgroup namespace, its root is
+/// the container's cgroup).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A CPU quota on this process: the tightest `cpu.max` of its cgroup and those above it.
+#[derive(Debug, PartialEq)]
+struct Quota {
+    /// The cores the quota allows (`quota / period`: 0.5 is half of one core).
+    cores: f64,
+    /// The `cpu.stat` of the cgroup that sets it (its usage counts every process below it).
+    stat: PathBuf,
+}
+
+impl Quota {
+    /// The cgroup's CPU time so far, in microseconds.
+    fn usage_us(&self) -> Option<u64> {
+        parse_usage_us(&std::fs::read_to_string(&self.stat).ok()?)
+    }
+
+    /// The share of the quota left unused by `used_us` of CPU time over `elapsed`.
+    fn idle_share(&self, used_us: u64, elapsed: Duration) -> f64 {
+        let allowed_us = self.cores * elapsed.as_micros() as f64;
+        if allowed_us <= 0.0 { 1.0 } else { (1.0 - used_us as f64 / allowed_us).clamp(0.0, 1.0) }
+    }
+}
+
+/// The quota on the cgroup v2 named in `proc_self_cgroup` (the `0::<path>` line of
+/// `/proc/self/cgroup`) under `root`, or on the nearest of its ancestors that has the tightest
+/// one. `None` without cgroup v2, or with no quota (`cpu.max` of `max`) anywhere up the tree.
+fn find_quota(proc_self_cgroup: &str, root: &Path) -> Option<Quota> {
+    let path = proc_self_cgroup.lines().find_map(|line| line.strip_prefix("0::"))?;
+    let mut dir = root.to_path_buf();
+    dir.extend(Path::new(path.trim()).components().filter(|c| matches!(c, std::path::Component::Normal(_))));
+    let mut tightest: Option<Quota> = None;
+    for dir in dir.ancestors().take_while(|d| d.starts_with(root)) {
+        let Some(cores) = std::fs::read_to_string(dir.join("cpu.max")).ok().and_then(|max| parse_cpu_max(&max)) else {
+            continue;
+        };
+        if tightest.as_ref().is_none_or(|t| cores < t.cores) {
+            tightest = Some(Quota { cores, stat: dir.join("cpu.stat") });
+        }
+    }
+    tightest
+}
+
+/// `cpu.max`: `<quota> <period>` in microseconds, or `max <period>` for none.
+fn parse_cpu_max(max: &str) -> Option<f64> {
+    let mut fields = max.split_whitespace();
+    let quota = fields.next()?.parse::<u64>().ok()?;
+    let period = fields.next()?.parse::<u64>().ok()?;
+    (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
+}
+
+/// `cpu.stat`'s `usage_usec` line.
+fn parse_usage_us(stat: &str) -> Option<u64> {
+    stat.lines().find_map(|line| line.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse().ok())
 }
 
 fn read_ticks() -> Option<Ticks> {
@@ -111,15 +195,64 @@ mod tests {
     #[test]
     fn saturation_has_hysteresis() {
         // 2% idle: saturated; 10% idle: stays as it was; 30% idle: not saturated.
-        let sample = |idle_pct: u64| ((0, 0), (idle_pct, 100));
-        let (b, n) = sample(2);
-        assert!(next_state(false, b, n));
-        let (b, n) = sample(10);
-        assert!(next_state(true, b, n));
-        assert!(!next_state(false, b, n));
-        let (b, n) = sample(30);
-        assert!(!next_state(true, b, n));
-        assert!(next_state(true, (5, 5), (5, 5)), "no time passed: unchanged");
+        assert!(next_state(false, 0.02));
+        assert!(next_state(true, 0.10));
+        assert!(!next_state(false, 0.10));
+        assert!(!next_state(true, 0.30));
+        assert_eq!(idle_share((0, 0), (30, 100)), Some(0.3));
+        assert_eq!(idle_share((5, 5), (5, 5)), None, "no time passed: no reading");
+    }
+
+    #[test]
+    fn reads_a_cgroup_quota_and_usage() {
+        assert_eq!(parse_cpu_max("50000 100000\n"), Some(0.5));
+        assert_eq!(parse_cpu_max("200000 100000"), Some(2.0));
+        assert_eq!(parse_cpu_max("max 100000\n"), None, "no quota");
+        assert_eq!(parse_cpu_max(""), None);
+        let stat = "usage_usec 8123456\nuser_usec 6000000\nsystem_usec 2123456\nnr_periods 0\n";
+        assert_eq!(parse_usage_us(stat), Some(8_123_456));
+        assert_eq!(parse_usage_us("user_usec 1\n"), None);
+
+        let quota = Quota { cores: 0.5, stat: PathBuf::new() };
+        let tenth = Duration::from_millis(100);
+        assert!((quota.idle_share(50_000, tenth) - 0.0).abs() < 1e-9, "all of half a core used");
+        assert!((quota.idle_share(40_000, tenth) - 0.2).abs() < 1e-9);
+        assert_eq!(quota.idle_share(90_000, tenth), 0.0, "more than the quota (a sample's edges): none left");
+    }
+
+    /// A cgroup tree as the kernel shows it (here in a temporary directory): the tightest
+    /// `cpu.max` on the way from this process's cgroup up to the root is the quota, measured by
+    /// the `cpu.stat` beside it; none anywhere, or no cgroup v2 line, is no quota.
+    #[test]
+    fn finds_the_tightest_quota_up_the_tree() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pod = root.path().join("kubepods/pod1");
+        let container = pod.join("c1");
+        std::fs::create_dir_all(&container).unwrap_or_else(|e| panic!("{e}"));
+        let write = |dir: &Path, name: &str, text: &str| {
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{e}"));
+        };
+        let cgroup = "12:memory:/ignored\n0::/kubepods/pod1/c1\n";
+        assert_eq!(find_quota(cgroup, root.path()), None, "no cpu.max files");
+
+        write(&container, "cpu.max", "max 100000\n");
+        write(root.path(), "cpu.max", "max 100000\n");
+        assert_eq!(find_quota(cgroup, root.path()), None, "max everywhere");
+
+        write(&pod, "cpu.max", "150000 100000\n");
+        assert_eq!(find_quota(cgroup, root.path()), Some(Quota { cores: 1.5, stat: pod.join("cpu.stat") }));
+        write(&container, "cpu.max", "50000 100000\n");
+        assert_eq!(find_quota(cgroup, root.path()), Some(Quota { cores: 0.5, stat: container.join("cpu.stat") }));
+        write(&container, "cpu.stat", "usage_usec 42\n");
+        assert_eq!(find_quota(cgroup, root.path()).and_then(|q| q.usage_us()), Some(42));
+
+        assert_eq!(find_quota("0::/\n", root.path()), None, "the root's own max");
+        assert_eq!(find_quota("4:cpu:/kubepods/pod1/c1\n", root.path()), None, "cgroup v1 only");
+        assert_eq!(
+            find_quota("0::/../../kubepods/pod1/c1\n", root.path()),
+            Some(Quota { cores: 0.5, stat: container.join("cpu.stat") }),
+            "never above the root"
+        );
     }
 
     #[test]
