@@ -132,7 +132,8 @@ pub struct Config {
     /// Retry-After: an overload then waits at the clients instead of in an ever longer saga
     /// backlog. Orders that wait on a slow payment count too (up to `payment_deadline_ms`).
     pub max_orders_in_flight: usize,
-    /// The same limit while the machine's cores are all busy (at most `max_orders_in_flight`):
+    /// The same limit while the machine's cores, or the process's cgroup CPU quota, are all busy
+    /// (at most `max_orders_in_flight`):
     /// then a longer backlog only makes each saga slower and dearer, and the node's goodput
     /// under overload fell to about half of its capacity.
     pub max_orders_in_flight_when_busy: usize,
@@ -158,7 +159,7 @@ pub struct Config {
     pub idempotency_retention_hours: u64,
     /// While writers are concurrent, a store starts a log round (one fsync) at most once per
     /// this many microseconds: longer gathers more writes per fsync (less CPU per order, more
-    /// latency per step). Twice this while the machine's cores are all busy. A lone writer
+    /// latency per step). Twice this while the machine's cores (or CPU quota) are all busy. A lone writer
     /// never waits. 0: a round as soon as the last ends.
     pub commit_interval_us: u64,
 

@@ -9,13 +9,15 @@
 //! paces longer only while the machine is saturated.
 //!
 //! The reading is the whole machine's (`/proc/stat`), not this process's: the nodes of a cluster
-//! on one machine, or a load generator beside the server, compete for the same cores. Where
-//! there is no `/proc/stat`, the machine never counts as saturated. In a container with a CPU
-//! limit (a Kubernetes `resources.limits.cpu`: a cgroup v2 `cpu.max` quota on this process's
-//! cgroup or one above it), the machine's cores say nothing of the limit: a pod allowed one core
-//! of sixteen is throttled long before the machine looks busy. So the quota counts as cores too:
-//! the idle share is the smaller of the machine's and the quota's (the quota less what the
-//! cgroup used, from its `cpu.stat`). cgroup v1 quotas are not read.
+//! on one machine, or a load generator beside the server, compete for the same cores. In a
+//! container with a CPU limit (a Kubernetes `resources.limits.cpu`: a cgroup v2 `cpu.max` quota
+//! on this process's cgroup or one above it), the machine's cores say nothing of the limit: a pod
+//! allowed one core of sixteen is throttled long before the machine looks busy. So each quota
+//! counts as cores too: the idle share is the smallest of the machine's and every quota's (the
+//! quota less what its cgroup used, from its `cpu.stat`). Quotas are looked up again every
+//! [`FIND_QUOTAS_EVERY`] (a pod's limit may be resized in place). Read where containers mount
+//! cgroup v2, `/sys/fs/cgroup`; cgroup v1 quotas, or a hierarchy mounted elsewhere, are not
+//! read. With neither `/proc/stat` nor a quota, the cores never count as saturated.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +40,8 @@ type Ticks = (u64, u64);
 static SAMPLER: LazyLock<Mutex<CpuSaturation>> = LazyLock::new(|| Mutex::new(CpuSaturation::new()));
 static SATURATED: AtomicBool = AtomicBool::new(false);
 
-/// Whether the machine's cores were saturated over the last sample. Never blocks: while
-/// another thread refreshes the sample, the last answer stands.
+/// Whether the machine's cores, or this process's CPU quota, were saturated over the last
+/// sample. Never blocks: while another thread refreshes the sample, the last answer stands.
 pub fn machine_saturated() -> bool {
     if let Ok(mut sampler) = SAMPLER.try_lock() {
         SATURATED.store(sampler.saturated(), Ordering::Relaxed);
@@ -47,52 +49,75 @@ pub fn machine_saturated() -> bool {
     SATURATED.load(Ordering::Relaxed)
 }
 
-/// A sampler of the machine's CPU saturation (and of this process's CPU quota, if it has one).
+/// How often the quotas are looked up again.
+const FIND_QUOTAS_EVERY: Duration = Duration::from_secs(10);
+
+/// A sampler of the machine's CPU saturation (and of this process's CPU quotas, if it has any).
 struct CpuSaturation {
     last: Option<Ticks>,
-    quota: Option<Quota>,
-    /// The quota's cgroup's CPU time at the last sample, in microseconds.
-    last_usage: Option<u64>,
+    /// Each quota, with its cgroup's CPU time at the last sample (microseconds).
+    quotas: Vec<(Quota, Option<u64>)>,
+    quotas_found_at: Instant,
     sampled_at: Instant,
     saturated: bool,
 }
 
 impl CpuSaturation {
     fn new() -> CpuSaturation {
-        let quota = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|cgroup| find_quota(&cgroup, Path::new(CGROUP_ROOT)));
-        let last_usage = quota.as_ref().and_then(Quota::usage_us);
-        CpuSaturation { last: read_ticks(), quota, last_usage, sampled_at: Instant::now(), saturated: false }
+        CpuSaturation {
+            last: read_ticks(),
+            quotas: find_own_quotas(),
+            quotas_found_at: Instant::now(),
+            sampled_at: Instant::now(),
+            saturated: false,
+        }
     }
 
     /// Whether the cores were saturated over the last sample (refreshed when it is stale).
     fn saturated(&mut self) -> bool {
         let elapsed = self.sampled_at.elapsed();
-        if elapsed >= SAMPLE_EVERY {
-            self.sampled_at = Instant::now();
-            let now = read_ticks();
-            let machine_idle = match (self.last, now) {
-                (Some(before), Some(now)) => idle_share(before, now),
-                _ => None,
-            };
-            self.last = now;
-            let usage = self.quota.as_ref().and_then(Quota::usage_us);
-            let quota_idle = match (&self.quota, self.last_usage, usage) {
-                (Some(quota), Some(before), Some(now)) => Some(quota.idle_share(now.saturating_sub(before), elapsed)),
-                _ => None,
-            };
-            self.last_usage = usage;
-            let idle = match (machine_idle, quota_idle) {
-                (Some(machine), Some(quota)) => Some(machine.min(quota)),
-                (machine, quota) => machine.or(quota),
-            };
-            if let Some(idle) = idle {
-                self.saturated = next_state(self.saturated, idle);
+        if elapsed < SAMPLE_EVERY {
+            return self.saturated;
+        }
+        self.sampled_at = Instant::now();
+        let now = read_ticks();
+        let mut idle = match (self.last, now) {
+            (Some(before), Some(now)) => idle_share(before, now),
+            _ => None,
+        };
+        self.last = now;
+        for (quota, last_usage) in &mut self.quotas {
+            let usage = quota.usage_us();
+            if let (Some(before), Some(now)) = (*last_usage, usage) {
+                let share = quota.idle_share(now.saturating_sub(before), elapsed);
+                idle = Some(idle.map_or(share, |idle| idle.min(share)));
+            }
+            *last_usage = usage;
+        }
+        if let Some(idle) = idle {
+            self.saturated = next_state(self.saturated, idle);
+        }
+        if self.quotas_found_at.elapsed() >= FIND_QUOTAS_EVERY {
+            self.quotas_found_at = Instant::now();
+            let found = find_own_quotas();
+            if found.iter().map(|(q, _)| q).ne(self.quotas.iter().map(|(q, _)| q)) {
+                self.quotas = found;
             }
         }
         self.saturated
     }
+}
+
+/// This process's quotas, each with its cgroup's CPU time now.
+fn find_own_quotas() -> Vec<(Quota, Option<u64>)> {
+    let Ok(cgroup) = std::fs::read_to_string("/proc/self/cgroup") else { return Vec::new() };
+    find_quotas(&cgroup, Path::new(CGROUP_ROOT))
+        .into_iter()
+        .map(|quota| {
+            let usage = quota.usage_us();
+            (quota, usage)
+        })
+        .collect()
 }
 
 /// The share of the machine's CPU time idle from `before` to `now` (`None`: no time passed).
@@ -110,12 +135,13 @@ fn next_state(saturated: bool, idle: f64) -> bool {
 /// the container's cgroup).
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// A CPU quota on this process: the tightest `cpu.max` of its cgroup and those above it.
+/// A CPU quota on this process: the `cpu.max` of its cgroup or of one above it.
 #[derive(Debug, PartialEq)]
 struct Quota {
     /// The cores the quota allows (`quota / period`: 0.5 is half of one core).
     cores: f64,
-    /// The `cpu.stat` of the cgroup that sets it (its usage counts every process below it).
+    /// The `cpu.stat` of the cgroup that sets it (its usage counts every process below it, so a
+    /// parent's quota shared with busy siblings can run out before this process's own).
     stat: PathBuf,
 }
 
@@ -132,23 +158,28 @@ impl Quota {
     }
 }
 
-/// The quota on the cgroup v2 named in `proc_self_cgroup` (the `0::<path>` line of
-/// `/proc/self/cgroup`) under `root`, or on the nearest of its ancestors that has the tightest
-/// one. `None` without cgroup v2, or with no quota (`cpu.max` of `max`) anywhere up the tree.
-fn find_quota(proc_self_cgroup: &str, root: &Path) -> Option<Quota> {
-    let path = proc_self_cgroup.lines().find_map(|line| line.strip_prefix("0::"))?;
+/// The quotas on the cgroup v2 named in `proc_self_cgroup` (the `0::<path>` line of
+/// `/proc/self/cgroup`) under `root` and on its ancestors up to `root`: none without cgroup v2,
+/// with no quota (`cpu.max` of `max`) up the tree, or when the path leaves `root` (`..`: the
+/// cgroup lies outside this namespace's view, and the files under `root` are someone else's).
+fn find_quotas(proc_self_cgroup: &str, root: &Path) -> Vec<Quota> {
+    use std::path::Component;
+    let Some(path) = proc_self_cgroup.lines().find_map(|line| line.strip_prefix("0::")) else { return Vec::new() };
     let mut dir = root.to_path_buf();
-    dir.extend(Path::new(path.trim()).components().filter(|c| matches!(c, std::path::Component::Normal(_))));
-    let mut tightest: Option<Quota> = None;
-    for dir in dir.ancestors().take_while(|d| d.starts_with(root)) {
-        let Some(cores) = std::fs::read_to_string(dir.join("cpu.max")).ok().and_then(|max| parse_cpu_max(&max)) else {
-            continue;
-        };
-        if tightest.as_ref().is_none_or(|t| cores < t.cores) {
-            tightest = Some(Quota { cores, stat: dir.join("cpu.stat") });
+    for component in Path::new(path.trim()).components() {
+        match component {
+            Component::Normal(name) => dir.push(name),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return Vec::new(),
         }
     }
-    tightest
+    dir.ancestors()
+        .take_while(|d| d.starts_with(root))
+        .filter_map(|dir| {
+            let cores = parse_cpu_max(&std::fs::read_to_string(dir.join("cpu.max")).ok()?)?;
+            Some(Quota { cores, stat: dir.join("cpu.stat") })
+        })
+        .collect()
 }
 
 /// `cpu.max`: `<quota> <period>` in microseconds, or `max <period>` for none.
@@ -220,11 +251,11 @@ mod tests {
         assert_eq!(quota.idle_share(90_000, tenth), 0.0, "more than the quota (a sample's edges): none left");
     }
 
-    /// A cgroup tree as the kernel shows it (here in a temporary directory): the tightest
-    /// `cpu.max` on the way from this process's cgroup up to the root is the quota, measured by
-    /// the `cpu.stat` beside it; none anywhere, or no cgroup v2 line, is no quota.
+    /// A cgroup tree as the kernel shows it (here in a temporary directory): every `cpu.max` on
+    /// the way from this process's cgroup up to the root is a quota, measured by the `cpu.stat`
+    /// beside it; none anywhere, no cgroup v2 line, or a path out of the root is none.
     #[test]
-    fn finds_the_tightest_quota_up_the_tree() {
+    fn finds_the_quotas_up_the_tree() {
         let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let pod = root.path().join("kubepods/pod1");
         let container = pod.join("c1");
@@ -233,26 +264,24 @@ mod tests {
             std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{e}"));
         };
         let cgroup = "12:memory:/ignored\n0::/kubepods/pod1/c1\n";
-        assert_eq!(find_quota(cgroup, root.path()), None, "no cpu.max files");
+        assert_eq!(find_quotas(cgroup, root.path()), vec![], "no cpu.max files");
 
         write(&container, "cpu.max", "max 100000\n");
         write(root.path(), "cpu.max", "max 100000\n");
-        assert_eq!(find_quota(cgroup, root.path()), None, "max everywhere");
+        assert_eq!(find_quotas(cgroup, root.path()), vec![], "max everywhere");
 
         write(&pod, "cpu.max", "150000 100000\n");
-        assert_eq!(find_quota(cgroup, root.path()), Some(Quota { cores: 1.5, stat: pod.join("cpu.stat") }));
+        let pod_quota = || Quota { cores: 1.5, stat: pod.join("cpu.stat") };
+        assert_eq!(find_quotas(cgroup, root.path()), vec![pod_quota()]);
         write(&container, "cpu.max", "50000 100000\n");
-        assert_eq!(find_quota(cgroup, root.path()), Some(Quota { cores: 0.5, stat: container.join("cpu.stat") }));
+        let container_quota = Quota { cores: 0.5, stat: container.join("cpu.stat") };
+        assert_eq!(find_quotas(cgroup, root.path()), vec![container_quota, pod_quota()]);
         write(&container, "cpu.stat", "usage_usec 42\n");
-        assert_eq!(find_quota(cgroup, root.path()).and_then(|q| q.usage_us()), Some(42));
+        assert_eq!(find_quotas(cgroup, root.path())[0].usage_us(), Some(42));
 
-        assert_eq!(find_quota("0::/\n", root.path()), None, "the root's own max");
-        assert_eq!(find_quota("4:cpu:/kubepods/pod1/c1\n", root.path()), None, "cgroup v1 only");
-        assert_eq!(
-            find_quota("0::/../../kubepods/pod1/c1\n", root.path()),
-            Some(Quota { cores: 0.5, stat: container.join("cpu.stat") }),
-            "never above the root"
-        );
+        assert_eq!(find_quotas("0::/\n", root.path()), vec![], "the root's own max");
+        assert_eq!(find_quotas("4:cpu:/kubepods/pod1/c1\n", root.path()), vec![], "cgroup v1 only");
+        assert_eq!(find_quotas("0::/../kubepods/pod1/c1\n", root.path()), vec![], "outside the root");
     }
 
     #[test]

@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum InventoryMsg {
     /// Runs one stock command; replies with the item after it, once that is durable.
     Execute { command: StockCommand, reply: RpcReplyPort<StockAnswer> },
-    /// Reads the item as of its last durable write (`None`: unknown sku). Only for an item
-    /// that is not in memory: one that is answers from [`StockViews`].
+    /// Reads the item as of its last durable write (`None`: unknown sku). Only for an item with
+    /// no published view (not in memory, being activated, or unknown): the others are read from
+    /// [`StockViews`].
     Get { reply: RpcReplyPort<Option<StockView>> },
     /// Sent by the entity to itself: the write it started last is durable (or failed, or
     /// panicked).
@@ -590,7 +591,8 @@ mod tests {
     async fn an_item_in_memory_is_read_from_the_view_it_publishes_which_leaves_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let (inventory, views) = start_idle_after(&store, Duration::from_millis(100)).await;
+        // Long enough that the item stays in memory between the steps on a loaded machine.
+        let (inventory, views) = start_idle_after(&store, Duration::from_millis(500)).await;
         let hot = Sku::parse("hot").unwrap();
         assert_eq!(inventory.get(&hot).await.unwrap(), None);
         assert_eq!(views.get(&hot), None, "an unknown sku publishes nothing");
@@ -608,5 +610,23 @@ mod tests {
         }
         assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(3, 2)));
         assert_eq!(views.get(&hot), Some(view(3, 2)), "the read activated the item, which published its view");
+    }
+
+    /// Reads of a sku with a published view are answered from it, without asking the item; an
+    /// activation withdraws only the view it published itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_published_view_answers_reads_and_only_its_publisher_withdraws_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let (inventory, views) = start_idle_after(&store, Duration::from_secs(30)).await;
+        let hot = Sku::parse("hot").unwrap();
+        // Not in the store: only the map can answer this.
+        views.publish(u64::MAX, &Some(view(7, 0)));
+        assert_eq!(inventory.get(&hot).await.unwrap(), Some(view(7, 0)));
+        views.withdraw(&hot, u64::MAX - 1);
+        assert_eq!(views.get(&hot), Some(view(7, 0)), "another activation's withdrawal");
+        views.withdraw(&hot, u64::MAX);
+        assert_eq!(views.get(&hot), None);
+        assert_eq!(inventory.get(&hot).await.unwrap(), None, "asked the item: an unknown sku");
     }
 }
