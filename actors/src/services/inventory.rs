@@ -503,11 +503,18 @@ mod tests {
         (InventoryService::new(Some((router, views.clone())), settings, None), views)
     }
 
-    /// A store in a new directory, its inventory service, and the sku `hot` with `units` in stock.
-    async fn start_with_hot(units: u64) -> (tempfile::TempDir, Store, InventoryService, Sku) {
+    /// A store in a new directory and its inventory service (items leaving memory after
+    /// `idle_after`), with the views its items publish.
+    async fn start_new(idle_after: Duration) -> (tempfile::TempDir, Store, InventoryService, StockViews) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let inventory = start(&store).await;
+        let (inventory, views) = start_idle_after(&store, idle_after).await;
+        (dir, store, inventory, views)
+    }
+
+    /// A store in a new directory, its inventory service, and the sku `hot` with `units` in stock.
+    async fn start_with_hot(units: u64) -> (tempfile::TempDir, Store, InventoryService, Sku) {
+        let (dir, store, inventory, _) = start_new(Duration::from_secs(30)).await;
         let hot = Sku::parse("hot").unwrap();
         inventory.set_stock(&hot, units, Money::from_cents(100)).await.unwrap();
         (dir, store, inventory, hot)
@@ -589,10 +596,8 @@ mod tests {
     /// view leaves memory with the item, and a read of an item not in memory activates it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_item_in_memory_is_read_from_the_view_it_publishes_which_leaves_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
         // Long enough that the item stays in memory between the steps on a loaded machine.
-        let (inventory, views) = start_idle_after(&store, Duration::from_millis(500)).await;
+        let (_dir, _store, inventory, views) = start_new(Duration::from_millis(500)).await;
         let hot = Sku::parse("hot").unwrap();
         assert_eq!(inventory.get(&hot).await.unwrap(), None);
         assert_eq!(views.get(&hot), None, "an unknown sku publishes nothing");
@@ -616,9 +621,7 @@ mod tests {
     /// activation withdraws only the view it published itself.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_published_view_answers_reads_and_only_its_publisher_withdraws_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let (inventory, views) = start_idle_after(&store, Duration::from_secs(30)).await;
+        let (_dir, _store, inventory, views) = start_new(Duration::from_secs(30)).await;
         let hot = Sku::parse("hot").unwrap();
         // Not in the store: only the map can answer this.
         views.publish(u64::MAX, &Some(view(7, 0)));
