@@ -5,7 +5,9 @@
 #   examples/instructions_per_order.sh [RATE] [SECONDS]      # default 150 orders/s for 15 s
 #
 # On a shared machine orders/s and CPU per order move by 20% between runs of one binary; this
-# figure moved by 0.1-0.6% between runs of one binary, so it can tell a 1% change apart. It
+# figure moved by 0.1-0.6% between runs of one binary (by 1%, 382.4 k against 386.4 k, while
+# the machine was busy with other work in session 15), so it tells apart changes of a few
+# percent, and a 1% one only over several runs each. It
 # counts no kernel time and no cache misses, and at this low rate every commit group is small
 # and every drain into sled short: use it to compare two builds, not as a throughput figure.
 # The server logs at `warn` (so the per-request span is off, as in the other benchmarks); the
