@@ -133,9 +133,8 @@ pub struct Config {
     /// backlog. Orders that wait on a slow payment count too (up to `payment_deadline_ms`).
     pub max_orders_in_flight: usize,
     /// The same limit while the machine's cores, or the process's cgroup CPU quota, are all busy
-    /// (at most `max_orders_in_flight`):
-    /// then a longer backlog only makes each saga slower and dearer, and the node's goodput
-    /// under overload fell to about half of its capacity.
+    /// (at most `max_orders_in_flight`): then a longer backlog only makes each saga slower and
+    /// dearer, and the node's goodput under overload fell to about half of its capacity.
     pub max_orders_in_flight_when_busy: usize,
 
     /// Time an order may spend getting paid before it is cancelled as `payment_failed`.
@@ -159,8 +158,8 @@ pub struct Config {
     pub idempotency_retention_hours: u64,
     /// While writers are concurrent, a store starts a log round (one fsync) at most once per
     /// this many microseconds: longer gathers more writes per fsync (less CPU per order, more
-    /// latency per step). Twice this while the machine's cores (or CPU quota) are all busy. A lone writer
-    /// never waits. 0: a round as soon as the last ends.
+    /// latency per step). Twice this while the machine's cores (or CPU quota) are all busy. A
+    /// lone writer never waits. 0: a round as soon as the last ends.
     pub commit_interval_us: u64,
 
     /// Shared secret of the cluster transport; `node` refuses to start without it.

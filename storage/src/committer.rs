@@ -525,9 +525,9 @@ impl Syncer {
     }
 
     /// While writers are concurrent (the last round carried more than one write), sleeps until
-    /// `min_round_interval` after the last round started, twice that while the machine's cores
-    /// are saturated ([`cpu::machine_saturated`]); writes handed over meanwhile wait in the channel for
-    /// the next round.
+    /// `min_round_interval` after the last round started, twice that while the cores (or the CPU
+    /// quota) are saturated ([`cpu::cores_saturated`]); writes handed over meanwhile wait in the
+    /// channel for the next round.
     ///
     /// Why: a round costs 50-80 µs of CPU however few writes it carries (the `fdatasync` alone
     /// is ~50 µs of kernel time here, plus the wake-ups), and with a fast disk (0.2 ms) and many
@@ -537,7 +537,7 @@ impl Syncer {
     /// for every write. A lone writer (one saga step after another on an idle node) never waits.
     fn pace(&self) {
         if self.last_round > 1 {
-            let interval = if cpu::machine_saturated() {
+            let interval = if cpu::cores_saturated() {
                 self.min_round_interval.saturating_mul(SATURATED_PACING)
             } else {
                 self.min_round_interval

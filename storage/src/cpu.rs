@@ -1,5 +1,6 @@
-//! Whether the machine's cores are all busy: what decides how long the syncer paces its rounds
-//! (and, outside this crate, how many orders the order service admits).
+//! Whether the cores this process may use are all busy (the machine's, and its CPU quota if it
+//! has one): what decides how long the syncer paces its rounds (and, outside this crate, how many
+//! orders the order service admits).
 //!
 //! Why: a log round costs tens of microseconds of CPU however few writes it carries. When the
 //! cores are saturated, every round saved is CPU for the work itself, and a longer interval
@@ -42,7 +43,7 @@ static SATURATED: AtomicBool = AtomicBool::new(false);
 
 /// Whether the machine's cores, or this process's CPU quota, were saturated over the last
 /// sample. Never blocks: while another thread refreshes the sample, the last answer stands.
-pub fn machine_saturated() -> bool {
+pub fn cores_saturated() -> bool {
     if let Ok(mut sampler) = SAMPLER.try_lock() {
         SATURATED.store(sampler.saturated(), Ordering::Relaxed);
     }
@@ -98,11 +99,9 @@ impl CpuSaturation {
             self.saturated = next_state(self.saturated, idle);
         }
         if self.quotas_found_at.elapsed() >= FIND_QUOTAS_EVERY {
+            // Their usage read now is the next sample's start, as the one just taken would be.
             self.quotas_found_at = Instant::now();
-            let found = find_own_quotas();
-            if found.iter().map(|(q, _)| q).ne(self.quotas.iter().map(|(q, _)| q)) {
-                self.quotas = found;
-            }
+            self.quotas = find_own_quotas();
         }
         self.saturated
     }

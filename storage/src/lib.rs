@@ -68,7 +68,7 @@ mod keys;
 mod store;
 mod wal;
 
-pub use cpu::machine_saturated;
+pub use cpu::cores_saturated;
 pub use error::StorageError;
 pub use store::{
     Append, Committed, IdempotencyRecord, KeyValue, OutboxEntry, Snapshot, Store, StoreOptions, StoreStats,

@@ -1,8 +1,9 @@
 //! The inventory service: one entity per sku hosting a [`StockItem`].
 //!
 //! Other services call it request/response (the order saga needs the answer now): reserve,
-//! release, commit; a quote reads the item's published view ([`StockViews`]). Every command is idempotent per order (see the domain), so a
-//! call that timed out and ran anyway, or a retry after a crash, changes nothing twice.
+//! release, commit; a quote reads the item's published view ([`StockViews`]). Every command is
+//! idempotent per order (see the domain), so a call that timed out and ran anyway, or a retry
+//! after a crash, changes nothing twice.
 
 use super::Settings;
 use super::remote::{InventoryRequest, Placement, call, locate};

@@ -995,7 +995,7 @@ impl OrderService {
         // moves into sled), so under an open-loop overload of 8,000 orders/s the node's goodput
         // fell to 3,900-5,300/s with 2,000 in flight against 6,000/s with 500 (BENCHMARKS.md).
         // An idle machine keeps the whole limit for orders that wait on a slow payment.
-        let busy = ordermesh_storage::machine_saturated();
+        let busy = ordermesh_storage::cores_saturated();
         let limit = if busy {
             self.settings.max_orders_in_flight_when_busy.min(self.settings.max_orders_in_flight)
         } else {
