@@ -43,6 +43,7 @@ pub fn service_settings(config: &Config) -> Settings {
         commit_interval: config.commit_interval(),
         max_orders_in_flight: config.max_orders_in_flight,
         max_orders_in_flight_when_busy: config.max_orders_in_flight_when_busy,
+        admission_wait: config.admission_wait(),
         ..defaults
     }
 }

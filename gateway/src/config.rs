@@ -128,14 +128,20 @@ pub struct Config {
     /// Requests in flight across the gateway; beyond it, 503 + Retry-After instead of
     /// unbounded queues (the cluster transport has no backpressure of its own).
     pub max_in_flight: usize,
-    /// Orders in memory on a node (sagas running) beyond which new orders get 503 +
-    /// Retry-After: an overload then waits at the clients instead of in an ever longer saga
-    /// backlog. Orders that wait on a slow payment count too (up to `payment_deadline_ms`).
+    /// Orders in memory on a node (sagas running) beyond which a new order waits up to
+    /// `admission_wait_ms` for one to leave, then gets 503 + Retry-After: an overload then
+    /// waits at the clients instead of in an ever longer saga backlog. Orders that wait on a
+    /// slow payment count too (up to `payment_deadline_ms`).
     pub max_orders_in_flight: usize,
     /// The same limit while the machine's cores, or the process's cgroup CPU quota, are all busy
     /// (at most `max_orders_in_flight`): then a longer backlog only makes each saga slower and
     /// dearer, and the node's goodput under overload fell to about half of its capacity.
     pub max_orders_in_flight_when_busy: usize,
+    /// How long a new order beyond the limit waits for an order to leave before its 503
+    /// (0: refused at once). Clients that retry a 503 at once, ignoring Retry-After, then wait
+    /// here instead of spending the node's CPU on refusals. For a second after one waited in
+    /// vain (an overload, not a stall), new orders beyond the limit are refused at once.
+    pub admission_wait_ms: u64,
 
     /// Time an order may spend getting paid before it is cancelled as `payment_failed`.
     pub payment_deadline_ms: u64,
@@ -188,6 +194,7 @@ impl Default for Config {
             max_in_flight: 2048,
             max_orders_in_flight: 2_000,
             max_orders_in_flight_when_busy: 500,
+            admission_wait_ms: 100,
             payment_deadline_ms: 30_000,
             payment_call_timeout_ms: 2_000,
             payment_inline_wait_ms: 100,
@@ -440,6 +447,11 @@ impl Config {
     /// `payment_call_timeout_ms` as a `Duration`.
     pub fn payment_call_timeout(&self) -> Duration {
         Duration::from_millis(self.payment_call_timeout_ms)
+    }
+
+    /// `admission_wait_ms` as a `Duration`.
+    pub fn admission_wait(&self) -> Duration {
+        Duration::from_millis(self.admission_wait_ms)
     }
 
     /// `payment_inline_wait_ms` as a `Duration`.

@@ -66,11 +66,14 @@ pub struct Settings {
     /// Least time between the starts of two log rounds of a store while writers are concurrent.
     pub commit_interval: Duration,
     /// Orders in flight on a node (in memory, their sagas running, or being placed) beyond which
-    /// it refuses new ones (`Unavailable`: 503 + Retry-After), so an overload queues at the
-    /// clients, not in sagas. One customer may hold a tenth of it.
+    /// a new one waits up to `admission_wait` for one to leave, then is refused (`Unavailable`:
+    /// 503 + Retry-After), so an overload queues at the clients, not in sagas. One customer may
+    /// hold a tenth of it.
     pub max_orders_in_flight: usize,
     /// The limit while the machine's cores are all busy (never above `max_orders_in_flight`).
     pub max_orders_in_flight_when_busy: usize,
+    /// How long a new order beyond the limit waits for an order to leave before it is refused.
+    pub admission_wait: Duration,
 }
 
 impl Default for Settings {
@@ -91,6 +94,7 @@ impl Default for Settings {
             commit_interval: StoreOptions::default().min_round_interval,
             max_orders_in_flight: 2_000,
             max_orders_in_flight_when_busy: 500,
+            admission_wait: Duration::from_millis(100),
         }
     }
 }

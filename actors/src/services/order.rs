@@ -135,7 +135,15 @@ impl OrderMetrics {
 /// for an order's outcome (a long poll) is woken: the order's end (`confirmed` or
 /// `cancelled`), and its passivation, wake the waiters of that order.
 #[derive(Clone, Default)]
-pub struct LiveOrders(Arc<std::sync::Mutex<LiveState>>);
+pub struct LiveOrders(Arc<LiveShared>);
+
+#[derive(Default)]
+struct LiveShared {
+    state: std::sync::Mutex<LiveState>,
+    /// Told once per order that stops counting in flight, to let one placement waiting for
+    /// admission look again.
+    freed: tokio::sync::Notify,
+}
 
 #[derive(Default)]
 struct LiveState {
@@ -158,10 +166,39 @@ struct LiveState {
     /// The orders of placements admitted whose entity has not put them in `orders` yet (and
     /// may never: a placement can fail). Each is counted once: here, then in `orders`.
     admitting: HashSet<OrderId>,
+    /// When a placement last waited its whole admission wait in vain: the node is overloaded,
+    /// not held up for a moment, and placements beyond the limit are refused at once for
+    /// [`OVERFLOW_HOLD`] after it.
+    overflowed_at: Option<Instant>,
 }
 
 /// A customer may have at most this fraction (1 / N) of the limit of orders in flight.
 const CUSTOMER_SHARE_OF_IN_FLIGHT: usize = 10;
+
+/// How long after a placement waited in vain for admission the next ones beyond the limit are
+/// refused at once instead of waiting. Under an open-loop overload waiting placements only
+/// added their wait to the latency and held connections open (at 12,000 orders/s offered on
+/// 2 cores, 100 ms of waiting gave 2,800-5,900 placed/s, median 3,900, against 4,700-8,900,
+/// median 6,100, when refused at once; session 16), while in a closed loop of clients the
+/// waiters get in.
+const OVERFLOW_HOLD: Duration = Duration::from_secs(1);
+
+/// The limit of orders in flight a placement was checked against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limit {
+    orders: usize,
+    /// The machine's cores (or the CPU quota) were all busy, so the limit was the lower one.
+    busy: bool,
+}
+
+/// Why [`LiveOrders::admit`] refused a placement: the counts it saw last.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    in_flight: usize,
+    customers: usize,
+    limit: Limit,
+    share: usize,
+}
 
 /// How many recently ended orders [`LiveOrders`] keeps (about 400 bytes each for a one-line
 /// order: under 2 MiB).
@@ -205,7 +242,7 @@ impl LiveState {
 
 impl LiveOrders {
     fn state(&self) -> std::sync::MutexGuard<'_, LiveState> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `look` at the live order `id`, if it is live or ended recently.
@@ -229,24 +266,50 @@ impl LiveOrders {
 
     /// Admits the placement of order `id` for `customer` if the orders in flight (entities in
     /// memory, sagas running or just ended, plus the placements admitted before whose order is
-    /// not in memory yet) are fewer than `limit`, and the customer's fewer than `share`. The
-    /// check and the count are one step, so concurrent placements cannot pass it together.
-    /// Refused: the two counts.
-    fn admit(
+    /// not in memory yet) are fewer than the limit, and the customer's fewer than a tenth of
+    /// it. The check and the count are one step, so concurrent placements cannot pass it
+    /// together. At the limit it waits up to `wait` for an order to leave, looking again each
+    /// time one does (with `limit()` then: it can change meanwhile), unless a placement waited
+    /// in vain less than [`OVERFLOW_HOLD`] ago; beyond the customer's share it is refused at
+    /// once.
+    async fn admit(
         &self,
         id: OrderId,
         customer: &CustomerId,
-        limit: usize,
-        share: usize,
-    ) -> Result<Admission, (usize, usize)> {
-        let mut state = self.state();
-        let in_flight = state.orders.len() + state.admitting.len();
-        let customers = state.per_customer.get(customer).copied().unwrap_or(0);
-        if in_flight >= limit || customers >= share || !state.admitting.insert(id) {
-            return Err((in_flight, customers));
+        limit: impl Fn() -> Limit,
+        wait: Duration,
+    ) -> Result<Admission, Refusal> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so an order that leaves between the two is not missed.
+            let freed = self.0.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let limit = limit();
+            let share = (limit.orders / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
+            {
+                let mut state = self.state();
+                let in_flight = state.orders.len() + state.admitting.len();
+                let customers = state.per_customer.get(customer).copied().unwrap_or(0);
+                if in_flight < limit.orders && customers < share && state.admitting.insert(id) {
+                    *state.per_customer.entry(customer.clone()).or_default() += 1;
+                    return Ok(Admission { live: self.clone(), id, customer: customer.clone() });
+                }
+                let overflowing = state.overflowed_at.is_some_and(|at| at.elapsed() < OVERFLOW_HOLD);
+                if customers >= share || in_flight < limit.orders || overflowing {
+                    // Past its share, or an id admitted twice: no order leaving changes that.
+                    // Overflowing: orders leave too slowly for the waiters to get in.
+                    return Err(Refusal { in_flight, customers, limit, share });
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                let mut state = self.state();
+                state.overflowed_at = Some(Instant::now());
+                let in_flight = state.orders.len() + state.admitting.len();
+                let customers = state.per_customer.get(customer).copied().unwrap_or(0);
+                return Err(Refusal { in_flight, customers, limit, share });
+            }
         }
-        *state.per_customer.entry(customer.clone()).or_default() += 1;
-        Ok(Admission { live: self.clone(), id, customer: customer.clone() })
     }
 
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
@@ -256,6 +319,7 @@ impl LiveOrders {
             if let Some(left) = state.orders.remove(&order.id) {
                 state.count_out(&left.customer);
                 state.keep_if_ended(left);
+                self.0.freed.notify_one();
             }
             state.wake(order.id);
         }
@@ -293,6 +357,7 @@ impl Drop for Admission {
         let mut state = self.live.state();
         if state.admitting.remove(&self.id) {
             state.count_out(&self.customer);
+            self.live.0.freed.notify_one();
         }
     }
 }
@@ -982,42 +1047,7 @@ impl OrderService {
             }
             None => None,
         };
-        // Admission: an order admitted beyond what the sagas can finish would only wait in
-        // them, and under an open-loop overload their backlog grew without end (55,000 orders
-        // in memory after 15 s at 9,500 orders/s offered, confirmations 10 s late, fewer
-        // confirmed per second than at capacity). Refused here, the client retries later.
-        // A customer gets a share of the limit, so a few whose payments hang (each order held
-        // up to the payment deadline) cannot lock everyone else out. A placement counts from
-        // here until it is answered, so concurrent placements cannot overshoot the limit
-        // together (they did: 64 placed at once with a limit of 4 were all admitted).
-        // While the machine's cores are all busy, the limit is lower: a saga backlog then only
-        // waits for CPU, and longer sagas cost more (their writes span more of the stores'
-        // moves into sled), so under an open-loop overload of 8,000 orders/s the node's goodput
-        // fell to 3,900-5,300/s with 2,000 in flight against 6,000/s with 500 (BENCHMARKS.md).
-        // An idle machine keeps the whole limit for orders that wait on a slow payment.
-        let busy = ordermesh_storage::cores_saturated();
-        let limit = if busy {
-            self.settings.max_orders_in_flight_when_busy.min(self.settings.max_orders_in_flight)
-        } else {
-            self.settings.max_orders_in_flight
-        };
-        let share = (limit / CUSTOMER_SHARE_OF_IN_FLIGHT).max(1);
-        let _admission =
-            self.live.admit(id, &new.customer, limit, share).map_err(|(in_flight, customers)| {
-                self.metrics.refused.increment(1);
-                let whose = if customers >= share {
-                    format!("this customer's share of {share}")
-                } else {
-                    format!("this node's limit of {limit}")
-                };
-                let when = if busy { " while its cores are busy" } else { "" };
-                ServiceError::Unavailable {
-                    service: "order",
-                    detail: format!(
-                        "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}{when}; retry shortly"
-                    ),
-                }
-            })?;
+        let _admission = self.admit(id, &new.customer).await?;
         let lines = self.price(&new.items).await?;
         let request = PlaceRequest {
             customer: new.customer.clone(),
@@ -1038,6 +1068,47 @@ impl OrderService {
                 Ok(PlaceOutcome { order, created: false })
             }
         }
+    }
+
+    /// Admission: an order admitted beyond what the sagas can finish would only wait in them,
+    /// and under an open-loop overload their backlog grew without end (55,000 orders in memory
+    /// after 15 s at 9,500 orders/s offered, confirmations 10 s late, fewer confirmed per
+    /// second than at capacity). So a placement beyond the limit waits up to
+    /// `admission_wait` for an order to leave, then is refused (`Unavailable`: 503 +
+    /// Retry-After) and the client retries later. Refused at once instead, a closed loop of
+    /// clients sent its refused placements again at once: at 256 of them, 18,000 refusals a
+    /// second took the CPU the sagas needed (3,500 placed/s, against 11,000 with 64), and a
+    /// stall of some 40 ms in a closed loop of 64 at 11,000/s refused orders too (session 16).
+    /// A customer gets a share of the limit, so a few whose payments hang (each order held up
+    /// to the payment deadline) cannot lock everyone else out.
+    /// While the machine's cores are all busy the limit is lower: a saga backlog then only
+    /// waits for CPU, and longer sagas cost more (their writes span more of the stores' moves
+    /// into sled), so under an open-loop overload of 8,000 orders/s the node's goodput fell to
+    /// 3,900-5,300/s with 2,000 in flight against 6,000/s with 500 (BENCHMARKS.md). An idle
+    /// machine keeps the whole limit for orders that wait on a slow payment.
+    async fn admit(&self, id: OrderId, customer: &CustomerId) -> Result<Admission, ServiceError> {
+        let limit = || {
+            let busy = ordermesh_storage::cores_saturated();
+            let full = self.settings.max_orders_in_flight;
+            let orders = if busy { self.settings.max_orders_in_flight_when_busy.min(full) } else { full };
+            Limit { orders, busy }
+        };
+        self.live.admit(id, customer, limit, self.settings.admission_wait).await.map_err(|refusal| {
+            self.metrics.refused.increment(1);
+            let Refusal { in_flight, customers, limit, share } = refusal;
+            let whose = if customers >= share {
+                format!("this customer's share of {share}")
+            } else {
+                format!("this node's limit of {}", limit.orders)
+            };
+            let when = if limit.busy { " while its cores are busy" } else { "" };
+            ServiceError::Unavailable {
+                service: "order",
+                detail: format!(
+                    "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}{when}; retry shortly"
+                ),
+            }
+        })
     }
 
     async fn replay_idempotent(
@@ -1495,21 +1566,66 @@ mod tests {
         assert!(live.state().waiters.is_empty());
     }
 
-    #[test]
-    fn an_admitted_order_counts_once_whether_it_is_being_placed_or_in_memory() {
+    fn limit(orders: usize) -> impl Fn() -> Limit {
+        move || Limit { orders, busy: false }
+    }
+
+    #[tokio::test]
+    async fn an_admitted_order_counts_once_whether_it_is_being_placed_or_in_memory() {
         let live = LiveOrders::default();
-        let alice = CustomerId::parse("alice").unwrap();
+        let (alice, bob) = (CustomerId::parse("alice").unwrap(), CustomerId::parse("bob").unwrap());
         let placed = order(OrderStatus::Reserved, 1);
-        let admission = live.admit(placed.id, &alice, 2, 2).unwrap();
+        let admission = live.admit(placed.id, &alice, limit(20), Duration::ZERO).await.unwrap();
         live.set(&placed); // the entity has it in memory before its placement is answered
-        let second = live.admit(OrderId::from_u128(8), &alice, 2, 2).unwrap();
-        assert_eq!(live.admit(OrderId::from_u128(9), &alice, 2, 5).err(), Some((2, 2)), "at the limit");
+        let second = live.admit(OrderId::from_u128(8), &alice, limit(20), Duration::ZERO).await.unwrap();
+        let refused = live.admit(OrderId::from_u128(9), &alice, limit(20), Duration::ZERO).await.err();
+        assert_eq!(refused.map(|r| (r.in_flight, r.customers, r.share)), Some((2, 2, 2)), "at alice's share");
+        let refused = live.admit(OrderId::from_u128(9), &bob, limit(2), Duration::ZERO).await.err();
+        assert_eq!(refused.map(|r| (r.in_flight, r.customers)), Some((2, 0)), "at the node's limit");
         drop(admission);
         drop(second); // a placement that failed: nothing of it stays
-        assert_eq!(live.admit(OrderId::from_u128(9), &alice, 1, 5).err(), Some((1, 1)));
+        let refused = live.admit(OrderId::from_u128(9), &bob, limit(1), Duration::ZERO).await.err();
+        assert_eq!(refused.map(|r| (r.in_flight, r.customers)), Some((1, 0)));
         live.forget(&placed);
         let state = live.state();
         assert!(state.admitting.is_empty() && state.per_customer.is_empty() && state.orders.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_placement_at_the_limit_waits_for_an_order_to_leave_and_no_longer_than_its_wait() {
+        let bob = CustomerId::parse("bob").unwrap();
+        let running = order(OrderStatus::Reserved, 1); // alice's
+        let live = LiveOrders::default();
+        live.set(&running);
+        let waiting = tokio::spawn({
+            let (live, bob) = (live.clone(), bob.clone());
+            async move { live.admit(OrderId::from_u128(9), &bob, limit(1), Duration::from_secs(60)).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "admitted while the limit was full");
+        live.forget(&running);
+        let admitted = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+        assert!(matches!(admitted, Ok(Ok(true))), "not admitted when the order left: {admitted:?}");
+
+        let live = LiveOrders::default();
+        live.set(&running);
+        let wait = Duration::from_millis(50);
+        let started = Instant::now();
+        let refused = live.admit(OrderId::from_u128(8), &bob, limit(1), wait).await.err();
+        assert!(started.elapsed() >= wait, "refused after {:?}", started.elapsed());
+        assert_eq!(refused.map(|r| (r.in_flight, r.customers)), Some((1, 0)));
+        // One waited in vain: the node is overloaded, so the next ones are refused at once.
+        let started = Instant::now();
+        let refused = live.admit(OrderId::from_u128(9), &bob, limit(1), Duration::from_secs(60)).await;
+        assert!(refused.is_err() && started.elapsed() < Duration::from_secs(30));
+
+        // Past its share, a customer is refused at once: orders leaving would not change that.
+        let live = LiveOrders::default();
+        live.set(&running);
+        let started = Instant::now();
+        let refused = live.admit(OrderId::from_u128(10), &running.customer, limit(1), Duration::from_secs(60)).await;
+        assert_eq!(refused.err().map(|r| (r.customers, r.share)), Some((1, 1)));
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[test]
