@@ -39,6 +39,9 @@ pub const ENV_PREFIX: &str = "ORDERMESH_";
 pub const MIN_BODY_LIMIT_BYTES: usize = 1024;
 /// Above this a commit interval is a stall, not a batching window: every saga step waits it.
 pub const MAX_COMMIT_INTERVAL_US: u64 = 100_000;
+/// Above this a new order waits for room longer than a client (or a remote gateway's call)
+/// should wait for a 503.
+pub const MAX_ADMISSION_WAIT_MS: u64 = 1_000;
 
 const DEFAULTS_NAME: &str = "defaults";
 const ENV_NAME: &str = "environment";
@@ -140,7 +143,8 @@ pub struct Config {
     /// How long a new order beyond the limit waits for an order to leave before its 503
     /// (0: refused at once). Clients that retry a 503 at once, ignoring Retry-After, then wait
     /// here instead of spending the node's CPU on refusals. For a second after one waited in
-    /// vain (an overload, not a stall), new orders beyond the limit are refused at once.
+    /// vain (an overload, mostly; a long stall too), new orders beyond the limit are refused at
+    /// once. At most 1,000.
     pub admission_wait_ms: u64,
 
     /// Time an order may spend getting paid before it is cancelled as `payment_failed`.
@@ -346,6 +350,12 @@ impl Config {
             fail(
                 "commit_interval_us",
                 format!("must be at most {MAX_COMMIT_INTERVAL_US} (it is {})", self.commit_interval_us),
+            );
+        }
+        if self.admission_wait_ms > MAX_ADMISSION_WAIT_MS {
+            fail(
+                "admission_wait_ms",
+                format!("must be at most {MAX_ADMISSION_WAIT_MS} (it is {})", self.admission_wait_ms),
             );
         }
         if self.order_body_limit_bytes < MIN_BODY_LIMIT_BYTES {
@@ -785,6 +795,7 @@ mod tests {
             jail.set_env("ORDERMESH_ORDER_BODY_LIMIT_BYTES", "100");
             jail.set_env("ORDERMESH_JWT_SECRET", "short");
             jail.set_env("ORDERMESH_COMMIT_INTERVAL_US", "100001");
+            jail.set_env("ORDERMESH_ADMISSION_WAIT_MS", "1001");
             jail.create_file(
                 "o.toml",
                 "payment_deadline_ms = 1000\npayment_call_timeout_ms = 2000\nrequest_timeout_ms = 0\n",
@@ -795,6 +806,7 @@ mod tests {
             assert_eq!(
                 settings,
                 [
+                    "admission_wait_ms",
                     "commit_interval_us",
                     "jwt_secret",
                     "order_body_limit_bytes",

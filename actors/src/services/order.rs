@@ -98,7 +98,8 @@ pub struct OrderDeps {
 /// metric up in the recorder's registry (labels copied, hashed, a lock taken) every time.
 pub struct OrderMetrics {
     placed: Counter,
-    /// New orders refused at the admission limit.
+    /// New orders refused at admission: at the node's limit (after the wait, or at once while
+    /// held), or past the customer's share.
     refused: Counter,
     reserve_seconds: Histogram,
     confirm_seconds: Histogram,
@@ -198,6 +199,8 @@ struct Refusal {
     customers: usize,
     limit: Limit,
     share: usize,
+    /// Refused without waiting, since a placement waited in vain less than [`OVERFLOW_HOLD`] ago.
+    held: bool,
 }
 
 /// How many recently ended orders [`LiveOrders`] keeps (about 400 bytes each for a one-line
@@ -280,6 +283,7 @@ impl LiveOrders {
         wait: Duration,
     ) -> Result<Admission, Refusal> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut waited_in_vain = false;
         loop {
             // Registered before the check, so an order that leaves between the two is not missed.
             let freed = self.0.freed.notified();
@@ -293,22 +297,32 @@ impl LiveOrders {
                 let customers = state.per_customer.get(customer).copied().unwrap_or(0);
                 if in_flight < limit.orders && customers < share && state.admitting.insert(id) {
                     *state.per_customer.entry(customer.clone()).or_default() += 1;
+                    if in_flight + 1 < limit.orders {
+                        // Room for more (the limit rose, or a wake came meant for a slot this
+                        // placement did not need): the next waiter looks too.
+                        self.0.freed.notify_one();
+                    }
                     return Ok(Admission { live: self.clone(), id, customer: customer.clone() });
                 }
-                let overflowing = state.overflowed_at.is_some_and(|at| at.elapsed() < OVERFLOW_HOLD);
-                if customers >= share || in_flight < limit.orders || overflowing {
-                    // Past its share, or an id admitted twice: no order leaving changes that.
-                    // Overflowing: orders leave too slowly for the waiters to get in.
-                    return Err(Refusal { in_flight, customers, limit, share });
+                let held = state.overflowed_at.is_some_and(|at| at.elapsed() < OVERFLOW_HOLD);
+                let refusal = Refusal { in_flight, customers, limit, share, held };
+                if in_flight < limit.orders {
+                    // Past its share, or an id admitted twice: no order leaving changes that. A
+                    // slot is free, though, and the wake this placement took may have been for
+                    // it: the next waiter looks.
+                    self.0.freed.notify_one();
+                    return Err(refusal);
+                }
+                if customers >= share || held {
+                    return Err(refusal);
+                }
+                if waited_in_vain {
+                    state.overflowed_at = Some(Instant::now());
+                    return Err(refusal);
                 }
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                let mut state = self.state();
-                state.overflowed_at = Some(Instant::now());
-                let in_flight = state.orders.len() + state.admitting.len();
-                let customers = state.per_customer.get(customer).copied().unwrap_or(0);
-                return Err(Refusal { in_flight, customers, limit, share });
-            }
+            // On time out, one more look before refusing: an order may have left meanwhile.
+            waited_in_vain = tokio::time::timeout_at(deadline, freed).await.is_err();
         }
     }
 
@@ -987,9 +1001,10 @@ impl OrderService {
         Ok(&self.local()?.1)
     }
 
-    /// A remote place runs pricing and the durable write on the owner: allow for both.
+    /// A remote place waits for admission, then runs pricing and the durable write on the
+    /// owner: allow for all three.
     fn remote_timeout(&self) -> Duration {
-        self.settings.call_timeout * 2
+        self.settings.admission_wait + self.settings.call_timeout * 2
     }
 
     /// Places an order: prices its lines from inventory, makes it durable, starts its saga.
@@ -1095,17 +1110,22 @@ impl OrderService {
         };
         self.live.admit(id, customer, limit, self.settings.admission_wait).await.map_err(|refusal| {
             self.metrics.refused.increment(1);
-            let Refusal { in_flight, customers, limit, share } = refusal;
+            let Refusal { in_flight, customers, limit, share, held } = refusal;
             let whose = if customers >= share {
                 format!("this customer's share of {share}")
             } else {
                 format!("this node's limit of {}", limit.orders)
             };
             let when = if limit.busy { " while its cores are busy" } else { "" };
+            let how = if held {
+                "; new orders do not wait for room, since orders left too slowly for one that waited"
+            } else {
+                ""
+            };
             ServiceError::Unavailable {
                 service: "order",
                 detail: format!(
-                    "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}{when}; retry shortly"
+                    "{in_flight} orders are in flight on this node ({customers} of this customer's), {whose}{when}{how}; retry shortly"
                 ),
             }
         })
@@ -1611,21 +1631,71 @@ mod tests {
         live.set(&running);
         let wait = Duration::from_millis(50);
         let started = Instant::now();
-        let refused = live.admit(OrderId::from_u128(8), &bob, limit(1), wait).await.err();
+        let refused =
+            tokio::time::timeout(Duration::from_secs(10), live.admit(OrderId::from_u128(8), &bob, limit(1), wait))
+                .await
+                .expect("waited far longer than its wait")
+                .err();
         assert!(started.elapsed() >= wait, "refused after {:?}", started.elapsed());
-        assert_eq!(refused.map(|r| (r.in_flight, r.customers)), Some((1, 0)));
+        assert_eq!(refused.map(|r| (r.in_flight, r.customers, r.held)), Some((1, 0, false)));
         // One waited in vain: the node is overloaded, so the next ones are refused at once.
-        let started = Instant::now();
-        let refused = live.admit(OrderId::from_u128(9), &bob, limit(1), Duration::from_secs(60)).await;
-        assert!(refused.is_err() && started.elapsed() < Duration::from_secs(30));
+        let refused = tokio::time::timeout(
+            Duration::from_secs(10),
+            live.admit(OrderId::from_u128(9), &bob, limit(1), Duration::from_secs(60)),
+        )
+        .await
+        .expect("waited while held");
+        assert!(refused.err().is_some_and(|r| r.held));
 
         // Past its share, a customer is refused at once: orders leaving would not change that.
         let live = LiveOrders::default();
         live.set(&running);
-        let started = Instant::now();
-        let refused = live.admit(OrderId::from_u128(10), &running.customer, limit(1), Duration::from_secs(60)).await;
+        let refused = tokio::time::timeout(
+            Duration::from_secs(10),
+            live.admit(OrderId::from_u128(10), &running.customer, limit(1), Duration::from_secs(60)),
+        )
+        .await
+        .expect("waited past its share");
         assert_eq!(refused.err().map(|r| (r.customers, r.share)), Some((1, 1)));
-        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_wake_that_a_placement_cannot_use_goes_to_the_next_waiter() {
+        // A limit of 20 (a share of 2), full: carol has 1 order in flight, 19 others one each.
+        let live = LiveOrders::default();
+        let carol = CustomerId::parse("carol").unwrap();
+        let others: Vec<Order> = (0..19)
+            .map(|n| Order {
+                id: OrderId::from_u128(100 + n),
+                customer: CustomerId::parse(format!("c{n}")).unwrap(),
+                ..order(OrderStatus::Reserved, 1)
+            })
+            .collect();
+        live.set(&Order { id: OrderId::from_u128(99), customer: carol.clone(), ..order(OrderStatus::Reserved, 1) });
+        others.iter().for_each(|o| live.set(o));
+        let wait = |id: u128, customer: &CustomerId| {
+            let (live, customer) = (live.clone(), customer.clone());
+            // The admission is handed back, so that it keeps counting.
+            tokio::spawn(async move {
+                live.admit(OrderId::from_u128(id), &customer, limit(20), Duration::from_secs(60)).await.ok()
+            })
+        };
+        // Carol's two placements wait first, then dave's.
+        let carol_first = wait(1, &carol);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let carol_second = wait(2, &carol);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let dave = wait(3, &CustomerId::parse("dave").unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        live.forget(&others[0]); // carol's first gets in: carol is at her share now
+        let first = tokio::time::timeout(Duration::from_secs(10), carol_first).await.unwrap().unwrap();
+        assert!(first.is_some());
+        live.forget(&others[1]); // wakes carol's second, refused for her share: dave gets the room
+        let second = tokio::time::timeout(Duration::from_secs(10), carol_second).await.unwrap().unwrap();
+        assert!(second.is_none());
+        let dave = tokio::time::timeout(Duration::from_secs(10), dave).await;
+        assert!(matches!(dave, Ok(Ok(Some(_)))), "dave slept with room free");
     }
 
     #[test]
