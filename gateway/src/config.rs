@@ -143,8 +143,8 @@ pub struct Config {
     /// How long a new order beyond the limit waits for an order to leave before its 503
     /// (0: refused at once). Clients that retry a 503 at once, ignoring Retry-After, then wait
     /// here instead of spending the node's CPU on refusals. For a second after one waited in
-    /// vain (an overload, mostly; a long stall too), new orders beyond the limit are refused at
-    /// once. At most 1,000.
+    /// vain while other orders left (an overload, not a stall), new orders beyond the limit are
+    /// refused at once. At most 1,000.
     pub admission_wait_ms: u64,
 
     /// Time an order may spend getting paid before it is cancelled as `payment_failed`.
