@@ -180,11 +180,11 @@ struct LiveState {
 const CUSTOMER_SHARE_OF_IN_FLIGHT: usize = 10;
 
 /// How long after a placement waited in vain for admission, while other orders left, the next
-/// ones beyond the limit are refused at once instead of waiting. Under an open-loop overload waiting placements only
-/// added their wait to the latency and held connections open (at 12,000 orders/s offered on
-/// 2 cores, 100 ms of waiting gave 2,800-5,900 placed/s, median 3,900, against 4,700-8,900,
-/// median 6,100, when refused at once; session 16), while in a closed loop of clients the
-/// waiters get in.
+/// ones beyond the limit are refused at once instead of waiting. Under an open-loop overload
+/// waiting placements only added their wait to the latency and held connections open (at
+/// 12,000 orders/s offered on 2 cores, 100 ms of waiting gave 2,800-5,900 placed/s, median
+/// 3,900, against 4,700-8,900, median 6,100, when refused at once; session 16), while in a
+/// closed loop of clients the waiters get in.
 const OVERFLOW_HOLD: Duration = Duration::from_secs(1);
 
 /// The limit of orders in flight a placement was checked against.
@@ -276,8 +276,8 @@ impl LiveOrders {
     /// it. The check and the count are one step, so concurrent placements cannot pass it
     /// together. At the limit it waits up to `wait` for an order to leave, looking again each
     /// time one does (with `limit()` then: it can change meanwhile), unless a placement waited
-    /// in vain less than [`OVERFLOW_HOLD`] ago; beyond the customer's share it is refused at
-    /// once.
+    /// in vain while orders left less than [`OVERFLOW_HOLD`] ago; beyond the customer's share
+    /// it is refused at once.
     async fn admit(
         &self,
         id: OrderId,
