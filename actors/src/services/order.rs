@@ -98,14 +98,21 @@ pub struct OrderDeps {
 /// metric up in the recorder's registry (labels copied, hashed, a lock taken) every time.
 pub struct OrderMetrics {
     placed: Counter,
-    /// New orders refused at admission: at the node's limit (after the wait, or at once while
-    /// held), or past the customer's share.
-    refused: Counter,
+    /// `orders_refused_total`, new orders refused at admission, by reason: `limit` (the node's
+    /// limit, after the wait), `held` (the node's limit, at once during an overflow hold),
+    /// `share` (past the customer's share).
+    refused: Refused,
     reserve_seconds: Histogram,
     confirm_seconds: Histogram,
     release_seconds: Histogram,
     /// `orders_completed_total` by outcome: `confirmed`, then each cancel reason.
     completed: Vec<(&'static str, Counter)>,
+}
+
+struct Refused {
+    limit: Counter,
+    held: Counter,
+    share: Counter,
 }
 
 impl OrderMetrics {
@@ -114,7 +121,11 @@ impl OrderMetrics {
         let outcomes = std::iter::once("confirmed").chain(CancelReason::ALL.map(CancelReason::as_str));
         OrderMetrics {
             placed: metrics::counter!("orders_placed_total"),
-            refused: metrics::counter!("orders_refused_total"),
+            refused: Refused {
+                limit: metrics::counter!("orders_refused_total", "reason" => "limit"),
+                held: metrics::counter!("orders_refused_total", "reason" => "held"),
+                share: metrics::counter!("orders_refused_total", "reason" => "share"),
+            },
             reserve_seconds: step("reserve"),
             confirm_seconds: step("confirm"),
             release_seconds: step("release"),
@@ -1121,8 +1132,16 @@ impl OrderService {
             Limit { orders, busy }
         };
         self.live.admit(id, customer, limit, self.settings.admission_wait).await.map_err(|refusal| {
-            self.metrics.refused.increment(1);
             let Refusal { in_flight, customers, limit, share, held } = refusal;
+            let refused = &self.metrics.refused;
+            let reason = if customers >= share {
+                &refused.share
+            } else if held {
+                &refused.held
+            } else {
+                &refused.limit
+            };
+            reason.increment(1);
             let whose = if customers >= share {
                 format!("this customer's share of {share}")
             } else {
