@@ -199,7 +199,7 @@ const CUSTOMER_SHARE_OF_IN_FLIGHT: usize = 10;
 const OVERFLOW_HOLD: Duration = Duration::from_secs(1);
 
 /// The limit of orders in flight a placement was checked against.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 struct Limit {
     orders: usize,
     /// The machine's cores (or the CPU quota) were all busy, so the limit was the lower one.
@@ -207,7 +207,7 @@ struct Limit {
 }
 
 /// Why [`LiveOrders::admit`] refused a placement: the counts it saw last.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Refusal {
     in_flight: usize,
     customers: usize,
@@ -347,6 +347,12 @@ impl LiveOrders {
         }
     }
 
+    /// Counts an order that stopped counting in flight, and lets one waiting placement look again.
+    fn depart(&self, state: &mut LiveState) {
+        state.departures += 1;
+        self.0.freed.notify_one();
+    }
+
     /// Forgets `order` unless a newer activation of the same order has replaced it meanwhile.
     fn forget(&self, order: &Order) {
         let mut state = self.state();
@@ -354,8 +360,7 @@ impl LiveOrders {
             if let Some(left) = state.orders.remove(&order.id) {
                 state.count_out(&left.customer);
                 state.keep_if_ended(left);
-                state.departures += 1;
-                self.0.freed.notify_one();
+                self.depart(&mut state);
             }
             state.wake(order.id);
         }
@@ -393,8 +398,7 @@ impl Drop for Admission {
         let mut state = self.live.state();
         if state.admitting.remove(&self.id) {
             state.count_out(&self.customer);
-            state.departures += 1;
-            self.live.0.freed.notify_one();
+            self.live.depart(&mut state);
         }
     }
 }
@@ -1134,19 +1138,12 @@ impl OrderService {
         self.live.admit(id, customer, limit, self.settings.admission_wait).await.map_err(|refusal| {
             let Refusal { in_flight, customers, limit, share, held } = refusal;
             let refused = &self.metrics.refused;
-            let reason = if customers >= share {
-                &refused.share
-            } else if held {
-                &refused.held
+            let (reason, whose) = if customers >= share {
+                (&refused.share, format!("this customer's share of {share}"))
             } else {
-                &refused.limit
+                (if held { &refused.held } else { &refused.limit }, format!("this node's limit of {}", limit.orders))
             };
             reason.increment(1);
-            let whose = if customers >= share {
-                format!("this customer's share of {share}")
-            } else {
-                format!("this node's limit of {}", limit.orders)
-            };
             let when = if limit.busy { " while its cores are busy" } else { "" };
             let how = if held {
                 "; new orders do not wait for room, since orders left too slowly for one that waited"
